@@ -1,0 +1,16 @@
+"""hf-softprompt: soft-prompt tuning (prompt tuning and P-tuning) for the transformers Trainer."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import SoftPromptConfig  # noqa: E402
+from .inject import add_soft_prompt, get_soft_prompt_config, remove_soft_prompt  # noqa: E402
+
+__all__ = [
+    "SoftPromptConfig",
+    "__version__",
+    "add_soft_prompt",
+    "get_soft_prompt_config",
+    "remove_soft_prompt",
+]

@@ -1,0 +1,472 @@
+"""The one injection mechanism: `add_soft_prompt` / `remove_soft_prompt`.
+
+Forward hooks on the user's own model (no wrapper class) rewrite each call: the prompt is
+inserted into the input embeddings, the attention mask, token types, positions and per-position
+labels are extended to match, and per-position outputs are cut back so they line up with the
+caller's `input_ids`. The same hooks serve training, evaluation, the Trainer and `generate()`.
+
+Decoder-only models: the first call of a sequence carries the prompt; later calls that continue
+a cache (`generate` decode steps) find the prompt already in `past_key_values` and only shift
+their mask and positions. Encoder-decoder models: the prompt goes on the encoder input (a hook on
+the encoder, since `generate` calls it directly); the top-level call widens the attention mask
+the decoder uses for cross-attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Placement, SoftPromptConfig, TaskType
+from .prompt import SoftPrompt
+from .tasks import TASK_SPECS, TaskSpec, infer_task_type, is_decoder_only
+
+logger = logging.getLogger(__name__)
+
+PROMPT_MODULE_NAME = "soft_prompt"
+_INJECTOR_ATTR = "_soft_prompt_injector"
+
+
+@dataclass
+class _CallState:
+    """What one top-level call did to its inputs, so its outputs can be put back in line."""
+
+    insert_at: int  # index of the first virtual token in the model's sequence
+    num_real: int  # L: the caller's sequence length
+    roll: torch.Tensor | None = None  # (B,) per-row right shift applied for last-token pooling
+    as_tuple: bool = False
+
+
+class SoftPromptInjector:
+    """Owns the hooks that put a `SoftPrompt` into every forward of one model."""
+
+    def __init__(self, model: nn.Module, config: SoftPromptConfig, prompt: SoftPrompt) -> None:
+        self.model = model
+        self.config = config
+        self.prompt = prompt
+        self.spec: TaskSpec = TASK_SPECS[config.task_type]
+        self.num_virtual = config.num_virtual_tokens
+        self.insert_at = 1 if config.placement is Placement.AFTER_FIRST_TOKEN else 0
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.decoder_only = is_decoder_only(model)
+        # Decoder-only sequence classifiers pool the last position of `inputs_embeds`; we move
+        # each row's last real token there so the pooled token is a real one, as without a prompt.
+        self.pools_last_token = self.decoder_only and config.task_type is TaskType.SEQ_CLS
+        self.max_positions = _max_positions(model.config)
+        self._state: _CallState | None = None
+        self._handles: list[Any] = []
+
+        target = model.get_encoder() if self.encoder_decoder else model
+        self._target_params = _positional_names(target)
+        self._target_accepts = set(inspect.signature(target.forward).parameters)
+        self._top_params = _positional_names(model)
+        if self.encoder_decoder:
+            self._handles.append(target.register_forward_pre_hook(self._encoder_pre_hook, with_kwargs=True))
+            self._handles.append(model.register_forward_pre_hook(self._seq2seq_pre_hook, with_kwargs=True))
+        else:
+            self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._post_hook, with_kwargs=True))
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = _as_kwargs(args, kwargs, self._top_params)
+        kwargs, self._state = self.prepare_inputs(kwargs)
+        return (), kwargs
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        state, self._state = self._state, None
+        if state is None:
+            return output
+        output = self.align_outputs(output, state)
+        return output.to_tuple() if state.as_tuple else output
+
+    def _encoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = _as_kwargs(args, kwargs, self._target_params)
+        kwargs, _ = self.prepare_inputs(kwargs)
+        return (), kwargs
+
+    def _seq2seq_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # The decoder cross-attends to P + L encoder positions: widen the mask it gets. The
+        # encoder hook sees the widened mask and does not widen it again.
+        kwargs = _as_kwargs(args, kwargs, self._top_params)
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            return (), kwargs
+        encoder_outputs = kwargs.get("encoder_outputs")
+        if encoder_outputs is not None:
+            encoded_len = encoder_outputs[0].shape[1]
+        else:
+            source = kwargs.get("input_ids")
+            if source is None:
+                source = kwargs.get("inputs_embeds")
+            if source is None:
+                return (), kwargs
+            encoded_len = source.shape[1] + self.num_virtual
+        if mask.shape[1] + self.num_virtual == encoded_len:
+            kwargs["attention_mask"] = self._insert(mask, mask.new_ones(()))
+        return (), kwargs
+
+    # ------------------------------------------------------------------ inputs
+    def prepare_inputs(self, kwargs: dict) -> tuple[dict, _CallState | None]:
+        """Rewrite one call's keyword arguments to carry the prompt. Returns them and the state
+        `align_outputs` needs; the state is None when the prompt is already in the cache."""
+        input_ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            if input_ids is None:
+                raise ValueError("A soft-prompted model needs input_ids or inputs_embeds, got neither.")
+            embeds = self.model.get_input_embeddings()(input_ids)
+        batch, length = embeds.shape[:2]
+        num_virtual = self.num_virtual
+        cache = kwargs.get("past_key_values")
+        past = _cache_length(cache)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(
+                f"A soft-prompted model needs a 2-D (batch, length) attention_mask, got shape "
+                f"{tuple(mask.shape)}. Pass the tokenizer's attention_mask instead of a 4-D mask."
+            )
+        # After the first call `past` already counts the prompt.
+        total = past + length + (0 if past else num_virtual)
+        if self.max_positions is not None and total > self.max_positions:
+            raise ValueError(
+                f"The prompt ({num_virtual} virtual tokens) plus the input ({total - num_virtual} tokens)"
+                f" exceed the model's {self.max_positions} positions. Truncate inputs to at most "
+                f"{self.max_positions - num_virtual} tokens (e.g. tokenizer(..., truncation=True, "
+                f"max_length={self.max_positions - num_virtual}))."
+            )
+
+        if past > 0:
+            # The prompt went into the cache with the first call: only shift mask and positions.
+            kwargs["inputs_embeds"] = embeds
+            if mask is not None and mask.shape[1] + num_virtual == past + length:
+                mask = self._insert(mask, mask.new_ones(()))
+                kwargs["attention_mask"] = mask
+            self._set_positions(kwargs, mask, batch, length, past, continuing=True)
+            return kwargs, None
+
+        prompt = self.prompt().to(dtype=embeds.dtype, device=embeds.device)  # (P, D)
+        embeds = self._insert(embeds, prompt)  # (B, P+L, D)
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        mask = self._insert(mask, mask.new_ones(()))  # (B, P+L)
+        kwargs["inputs_embeds"] = embeds
+        kwargs["attention_mask"] = mask
+        if kwargs.get("token_type_ids") is not None:
+            # Virtual tokens belong to the first segment.
+            kwargs["token_type_ids"] = self._insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(()))
+        for key in self.spec.per_position_labels:
+            if kwargs.get(key) is not None:
+                # -100 so virtual positions never count in the loss
+                kwargs[key] = self._insert(kwargs[key], kwargs[key].new_full((), -100))
+        for key in self.spec.position_labels:
+            if kwargs.get(key) is not None:
+                positions = kwargs[key]
+                kwargs[key] = torch.where(positions >= self.insert_at, positions + num_virtual, positions)
+        self._set_positions(kwargs, mask, batch, length, past, continuing=False)
+
+        state = _CallState(insert_at=self.insert_at, num_real=length)
+        if kwargs.get("return_dict") is False:
+            kwargs["return_dict"], state.as_tuple = True, True
+        if self.pools_last_token:
+            state.roll = self._roll_last_real_token_to_end(kwargs, input_ids)
+        return kwargs, state
+
+    def _insert(self, x: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        """Insert P copies of `fill` (a scalar or a (P, D) prompt) at the prompt's place, dim 1."""
+        batch = x.shape[0]
+        if fill.dim() == 0:
+            block = fill.to(x.dtype).expand(batch, self.num_virtual, *x.shape[2:])
+        else:
+            block = fill.unsqueeze(0).expand(batch, *fill.shape)
+        i = self.insert_at
+        return torch.cat([x[:, :i], block, x[:, i:]], dim=1)
+
+    def _set_positions(self, kwargs: dict, mask: torch.Tensor | None, batch: int, length: int,
+                       past: int, continuing: bool) -> None:
+        num_virtual = self.num_virtual
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            if continuing:
+                kwargs["position_ids"] = position_ids + num_virtual
+            else:
+                # The prompt takes the positions it sits at; real tokens after it move by P.
+                position_ids = position_ids.expand(batch, -1)
+                i = self.insert_at
+                start = position_ids[:, :i] + 1 if i else position_ids.new_zeros(batch, 1)
+                block = start[:, -1:] + torch.arange(num_virtual, device=position_ids.device)
+                kwargs["position_ids"] = torch.cat([position_ids[:, :i], block, position_ids[:, i:] + num_virtual], 1)
+        elif self.decoder_only and "position_ids" in self._target_accepts and mask is not None:
+            # What `generate` does: positions count real tokens, so padding side does not matter.
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = positions[:, -(length if continuing else length + num_virtual):]
+        cache_position = kwargs.get("cache_position")
+        if cache_position is not None:
+            kwargs["cache_position"] = (
+                cache_position + num_virtual if continuing
+                else torch.arange(past, past + length + num_virtual, device=cache_position.device)
+            )
+
+    def _roll_last_real_token_to_end(
+        self, kwargs: dict, input_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Rotate each row right so its last real token is the last position; returns the shifts.
+
+        "Last real token" is what the base model pools: the rightmost token that is not
+        `pad_token_id` (from `input_ids`), or else the rightmost attended position.
+        """
+        mask = kwargs["attention_mask"]
+        batch, total = mask.shape
+        pad_id = getattr(self.model.config, "pad_token_id", None)
+        if input_ids is not None and pad_id is not None:
+            real = self._insert((input_ids != pad_id).long(), mask.new_ones(()))
+        else:
+            real = mask.long()
+        index = torch.arange(total, device=mask.device)
+        last_real = (index * real).argmax(-1)  # (B,)
+        shift = total - 1 - last_real
+        if not bool(shift.any()):
+            return None
+        source = (index.unsqueeze(0) - shift.unsqueeze(1)) % total  # (B, P+L)
+        for key in ("inputs_embeds", "attention_mask", "position_ids", "token_type_ids"):
+            value = kwargs.get(key)
+            if value is not None:
+                kwargs[key] = _gather_rows(value.expand(batch, *value.shape[1:]), source)
+        return shift
+
+    # ----------------------------------------------------------------- outputs
+    def align_outputs(self, output: Any, state: _CallState) -> Any:
+        """Cut the virtual positions out of per-position outputs (logits, QA logits, hidden states)."""
+        for key in self.spec.per_position_outputs:
+            value = output.get(key) if hasattr(output, "get") else None
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                output[key] = tuple(self._drop_virtual(v, state) for v in value)
+            else:
+                output[key] = self._drop_virtual(value, state)
+        return output
+
+    def _drop_virtual(self, x: torch.Tensor, state: _CallState) -> torch.Tensor:
+        num_virtual, length, i = self.num_virtual, state.num_real, state.insert_at
+        if state.roll is not None and x.shape[1] == num_virtual + length:
+            total = x.shape[1]
+            index = torch.arange(total, device=x.device)
+            x = _gather_rows(x, (index.unsqueeze(0) + state.roll.unsqueeze(1).to(x.device)) % total)
+        n = x.shape[1]
+        if n == num_virtual + length:
+            return torch.cat([x[:, :i], x[:, i + num_virtual:]], dim=1)
+        if n > length:  # `logits_to_keep` kept the last n positions, some of them virtual
+            return x[:, n - length:]
+        return x
+
+    def remove(self) -> None:
+        """Detach every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+# ------------------------------------------------------------------------ API
+def add_soft_prompt(model: nn.Module, config: SoftPromptConfig | None = None) -> nn.Module:
+    """Add a trainable soft prompt to a transformers model, in place.
+
+    Freezes every base parameter (except the task head of classification/QA models, or
+    `config.trainable_modules`), registers the prompt as `model.soft_prompt` and hooks the model
+    so every forward and `generate()` call carries the prompt.
+
+    Args:
+        model (`PreTrainedModel`): any `AutoModelFor*` model that accepts `inputs_embeds`.
+        config (`SoftPromptConfig`, *optional*): defaults to 20 randomly initialised tokens.
+
+    Returns:
+        The same model object (its class, `config` and `forward` signature unchanged).
+
+    Example:
+        ```python
+        model = add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=8))
+        loss = model(**batch).loss
+        ```
+    """
+    config = SoftPromptConfig() if config is None else config
+    return attach_soft_prompt(model, config)
+
+
+def attach_soft_prompt(
+    model: nn.Module,
+    config: SoftPromptConfig,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    trainable: bool = True,
+) -> nn.Module:
+    """Put a prompt on `model`: new (initialised from `config.init`) or from a `SoftPrompt` state
+    dict (as saved by the serialization module). With `trainable=False` the prompt is frozen too.
+    """
+    if not isinstance(config, SoftPromptConfig):
+        raise TypeError(f"config must be a SoftPromptConfig, got {type(config).__name__}.")
+    if get_injector(model) is not None:
+        raise ValueError(
+            f"{type(model).__name__} already carries a soft prompt. Call remove_soft_prompt(model) "
+            "first, or reuse the existing one."
+        )
+    embeddings = _check_model(model)
+    config = _complete_config(config, model, embeddings)
+    if state_dict is None:
+        prompt = SoftPrompt(config, embeddings)
+    else:
+        # The init is about to be overwritten: skip tokenizer loading and vocabulary sampling.
+        prompt = SoftPrompt(dataclasses.replace(config, init="random", init_text=None,
+                                                tokenizer_name_or_path=None, tokenizer_kwargs=None))
+        prompt.load_state_dict(state_dict)
+    injector = _attach(model, config, prompt)
+    injector.frozen_flags = _freeze(model, config)
+    if not trainable:
+        prompt.requires_grad_(False)
+    return model
+
+
+def _check_model(model: nn.Module) -> nn.Module:
+    """Fail before any compute when `model` cannot carry a prompt; returns its input embeddings."""
+    if not hasattr(model, "get_input_embeddings") or not hasattr(model, "config"):
+        raise TypeError(
+            f"add_soft_prompt needs a transformers PreTrainedModel, got {type(model).__name__}."
+        )
+    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    target = model.get_encoder() if is_encoder_decoder else model
+    if "inputs_embeds" not in inspect.signature(target.forward).parameters:
+        raise ValueError(
+            f"{type(target).__name__}.forward does not accept `inputs_embeds`, so a soft prompt "
+            "cannot be prepended to its input. Use a model class whose forward takes inputs_embeds."
+        )
+    embeddings = model.get_input_embeddings()
+    if embeddings is None or getattr(embeddings, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no input embedding table to prompt.")
+    if hasattr(model, PROMPT_MODULE_NAME):
+        raise ValueError(f"{type(model).__name__} already has an attribute {PROMPT_MODULE_NAME!r}.")
+    return embeddings
+
+
+def _complete_config(config: SoftPromptConfig, model: nn.Module, embeddings: nn.Module) -> SoftPromptConfig:
+    """Fill task_type, token_dim and base_model_name_or_path from the model; check they agree."""
+    token_dim = embeddings.weight.shape[1]
+    if config.token_dim is not None and config.token_dim != token_dim:
+        raise ValueError(
+            f"config.token_dim={config.token_dim} does not match the model's embedding width "
+            f"{token_dim}. Leave token_dim=None to infer it."
+        )
+    task_type = config.task_type or infer_task_type(model)
+    if config.placement is Placement.AFTER_FIRST_TOKEN and task_type is TaskType.CAUSAL_LM:
+        raise ValueError(
+            "placement='after_first_token' is for encoders with a [CLS] token; a causal LM needs "
+            "placement='front'."
+        )
+    base_name = config.base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None
+    return dataclasses.replace(
+        config, token_dim=token_dim, task_type=task_type, base_model_name_or_path=base_name
+    )
+
+
+def _attach(model: nn.Module, config: SoftPromptConfig, prompt: SoftPrompt) -> SoftPromptInjector:
+    """Register `prompt` on `model` and hook it; the one place a prompt is put on a model."""
+    prompt.to(model.get_input_embeddings().weight.device)
+    model.add_module(PROMPT_MODULE_NAME, prompt)
+    injector = SoftPromptInjector(model, config, prompt)
+    setattr(model, _INJECTOR_ATTR, injector)
+    return injector
+
+
+def _freeze(model: nn.Module, config: SoftPromptConfig) -> dict[str, bool]:
+    """Freeze the base model; unfreeze the prompt and the trainable modules. Returns the old flags."""
+    prompt = getattr(model, PROMPT_MODULE_NAME)
+    prompt_ids = {id(p) for p in prompt.parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters() if id(p) not in prompt_ids}
+    for name, param in model.named_parameters():
+        param.requires_grad_(id(param) in prompt_ids)
+    for module in resolve_trainable_modules(model, config):
+        module.requires_grad_(True)
+    return flags
+
+
+def resolve_trainable_modules(model: nn.Module, config: SoftPromptConfig) -> list[nn.Module]:
+    """The base submodules trained with the prompt (`config.trainable_modules` or the task head)."""
+    explicit = config.trainable_modules is not None
+    names = config.trainable_modules if explicit else TASK_SPECS[config.task_type].default_trainable
+    found = []
+    for wanted in names:
+        matches = [m for n, m in model.named_modules()
+                   if (n == wanted or n.endswith("." + wanted)) and not n.startswith(PROMPT_MODULE_NAME)]
+        if explicit and not matches:
+            raise ValueError(
+                f"trainable_modules names {wanted!r}, but {type(model).__name__} has no such "
+                "submodule. Use a name from model.named_modules()."
+            )
+        found.extend(matches)
+    return found
+
+
+def get_injector(model: nn.Module) -> SoftPromptInjector | None:
+    """The injector of a soft-prompted model, or None."""
+    return getattr(model, _INJECTOR_ATTR, None)
+
+
+def get_soft_prompt_config(model: nn.Module) -> SoftPromptConfig:
+    """The complete config of the prompt on `model` (task_type and token_dim filled in)."""
+    injector = get_injector(model)
+    if injector is None:
+        raise ValueError(f"{type(model).__name__} carries no soft prompt; call add_soft_prompt first.")
+    return injector.config
+
+
+def remove_soft_prompt(model: nn.Module) -> nn.Module:
+    """Undo `add_soft_prompt`: remove hooks and the prompt, restore every `requires_grad` flag."""
+    injector = get_injector(model)
+    if injector is None:
+        raise ValueError(f"{type(model).__name__} carries no soft prompt to remove.")
+    injector.remove()
+    delattr(model, PROMPT_MODULE_NAME)
+    delattr(model, _INJECTOR_ATTR)
+    for name, param in model.named_parameters():
+        if name in injector.frozen_flags:
+            param.requires_grad_(injector.frozen_flags[name])
+    return model
+
+
+# -------------------------------------------------------------------- helpers
+def _positional_names(module: nn.Module) -> list[str]:
+    params = inspect.signature(module.forward).parameters.values()
+    return [p.name for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+
+def _as_kwargs(args: tuple, kwargs: dict, names: list[str]) -> dict:
+    """Positional arguments by name, so hooks see `model(input_ids)` like `model(input_ids=...)`."""
+    if len(args) > len(names):
+        raise TypeError(f"Too many positional arguments ({len(args)}) for forward({', '.join(names)}).")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2])  # legacy tuple of (key, value) pairs
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, j], ...] for every row b: per-row reordering along dim 1."""
+    index = index.to(x.device).view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return torch.gather(x, 1, index)
+
+
+def _max_positions(model_config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,132 @@
+"""The learned prompt: a (P, D) float32 table, its three inits, and the P-tuning encoders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import EncoderType, PromptInit, SoftPromptConfig
+
+
+class MLPPromptEncoder(nn.Sequential):
+    """P-tuning MLP: input -> hidden -> hidden -> output with ReLU (PEFT's `mlp_head` layout)."""
+
+    def __init__(self, token_dim: int, hidden_size: int) -> None:
+        super().__init__(
+            nn.Linear(token_dim, hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, token_dim),
+        )
+
+
+class LSTMPromptEncoder(nn.Module):
+    """P-tuning LSTM: a bidirectional LSTM over the P rows, then a 2-layer MLP back to token_dim."""
+
+    def __init__(self, token_dim: int, hidden_size: int, num_layers: int, dropout: float) -> None:
+        super().__init__()
+        self.lstm_head = nn.LSTM(
+            input_size=token_dim,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            dropout=dropout if num_layers > 1 else 0.0,  # torch warns on dropout with one layer
+            bidirectional=True,
+            batch_first=True,
+        )
+        self.mlp_head = nn.Sequential(
+            nn.Linear(2 * hidden_size, 2 * hidden_size),
+            nn.ReLU(),
+            nn.Linear(2 * hidden_size, token_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (P, D) -> (1, P, D) for the LSTM, back to (P, D)
+        return self.mlp_head(self.lstm_head(x.unsqueeze(0))[0]).squeeze(0)
+
+
+class SoftPrompt(nn.Module):
+    """The trainable prompt. `forward()` returns the (P, D) float32 prompt embeddings.
+
+    For plain prompt tuning these are the rows of `embedding`; for P-tuning they are
+    `encoder(embedding.weight)`. Parameters stay float32 whatever the base model's dtype;
+    the injector casts the result at the point of use.
+
+    Args:
+        config (`SoftPromptConfig`): must have `token_dim` set.
+        word_embeddings (`nn.Embedding`, *optional*): the model's input embeddings, needed by the
+            `sample_vocab` and `text` inits.
+    """
+
+    def __init__(self, config: SoftPromptConfig, word_embeddings: nn.Module | None = None) -> None:
+        super().__init__()
+        if config.token_dim is None:
+            raise ValueError("SoftPrompt needs config.token_dim; add_soft_prompt fills it in.")
+        self.num_virtual_tokens = config.num_virtual_tokens
+        self.token_dim = config.token_dim
+        self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim, dtype=torch.float32)
+        self.encoder: nn.Module | None = None
+        if config.encoder is not None:
+            hidden = config.encoder_hidden_size or config.token_dim
+            if config.encoder is EncoderType.MLP:
+                self.encoder = MLPPromptEncoder(config.token_dim, hidden)
+            else:
+                self.encoder = LSTMPromptEncoder(
+                    config.token_dim, hidden, config.encoder_num_layers, config.encoder_dropout
+                )
+            self.encoder.float()
+        with torch.no_grad():
+            self.embedding.weight.copy_(initial_prompt(config, word_embeddings))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SoftPrompt:
+        # `model.to(torch.bfloat16)` / `model.half()` reach us too: follow device moves but keep
+        # the trainable parameters in float32 (they are cast at the point of use).
+        super()._apply(fn, recurse)
+        for param in self.parameters():
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+        return self
+
+    def forward(self) -> torch.Tensor:
+        """The (P, D) prompt embeddings in float32."""
+        prompt = self.embedding.weight
+        return prompt if self.encoder is None else self.encoder(prompt)
+
+
+def initial_prompt(config: SoftPromptConfig, word_embeddings: nn.Module | None) -> torch.Tensor:
+    """The (P, D) float32 starting table for `config.init` (random, sample_vocab or text)."""
+    num, dim = config.num_virtual_tokens, config.token_dim
+    if config.init is PromptInit.RANDOM:
+        # Same scale as real token embeddings, so the prompt starts where the model expects input.
+        std = 0.02
+        if word_embeddings is not None and getattr(word_embeddings, "weight", None) is not None:
+            std = float(word_embeddings.weight.detach().float().std()) or 0.02
+        return torch.randn(num, dim) * std
+    if word_embeddings is None:
+        raise ValueError(f"init={config.init.value!r} needs the model's input embeddings.")
+    weight = word_embeddings.weight
+    if config.init is PromptInit.SAMPLE_VOCAB:
+        token_ids = torch.randint(0, weight.shape[0], (num,))
+    else:
+        token_ids = text_init_token_ids(config)
+    return weight.detach()[token_ids.to(weight.device)].float().cpu().clone()
+
+
+def text_init_token_ids(config: SoftPromptConfig) -> torch.Tensor:
+    """Token ids of `config.init_text`, truncated to P or repeated to fill it (PEFT semantics)."""
+    from transformers import AutoTokenizer
+
+    kwargs = dict(config.tokenizer_kwargs or {})
+    kwargs.pop("trust_remote_code", None)  # never run Hub code to build a prompt
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+    ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(
+            f"init_text={config.init_text!r} tokenizes to no tokens with "
+            f"{config.tokenizer_name_or_path!r}. Use a non-empty text."
+        )
+    num = config.num_virtual_tokens
+    repeated = (ids * (num // len(ids) + 1))[:num]
+    return torch.tensor(repeated, dtype=torch.long)

@@ -155,7 +155,13 @@ class SoftPromptInjector:
         embeds = self._insert(embeds, prompt)  # (B, P+L, D)
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        mask = self._insert(mask, mask.new_ones(()))  # (B, P+L)
+        if mask.shape[1] == length:
+            mask = self._insert(mask, mask.new_ones(()))  # (B, P+L)
+        elif mask.shape[1] != length + num_virtual:  # P+L: widened already by the seq2seq hook
+            raise ValueError(
+                f"attention_mask has {mask.shape[1]} positions for an input of {length} tokens; "
+                "pass the tokenizer's mask for the same input_ids."
+            )
         kwargs["inputs_embeds"] = embeds
         kwargs["attention_mask"] = mask
         if kwargs.get("token_type_ids") is not None:
@@ -325,8 +331,10 @@ def attach_soft_prompt(
         prompt.load_state_dict(state_dict)
     injector = _attach(model, config, prompt)
     injector.frozen_flags = _freeze(model, config)
-    if not trainable:
+    if not trainable:  # an adapter loaded for inference: nothing trains
         prompt.requires_grad_(False)
+        for module in resolve_trainable_modules(model, config):
+            module.requires_grad_(False)
     return model
 
 

@@ -42,14 +42,14 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
-
 
 __all__ = ["LocalHubServer", "HubCommit", "TEST_TOKEN", "TEST_USER", "patch_hf_client", "hub_server"]
 
@@ -105,7 +105,12 @@ class HubCommit:
     date: datetime = field(default_factory=_now)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"oid": self.oid, "parent": self.parent, "message": self.message, "description": self.description}
+        return {
+            "oid": self.oid,
+            "parent": self.parent,
+            "message": self.message,
+            "description": self.description,
+        }
 
 
 @dataclass
@@ -164,14 +169,17 @@ class LocalHubServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "LocalHubServer":
+    def start(self) -> LocalHubServer:
         if self._httpd is not None:
             return self
         handler = type("_BoundHubHandler", (_HubRequestHandler,), {"hub": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="local-hub-server", daemon=True
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="local-hub-server",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -186,7 +194,7 @@ class LocalHubServer:
         self._httpd = None
         self._thread = None
 
-    def __enter__(self) -> "LocalHubServer":
+    def __enter__(self) -> LocalHubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -207,7 +215,10 @@ class LocalHubServer:
     def fail_next(
         self, n: int = 1, status: int = 500, method: str | None = None, path_contains: str | None = None
     ) -> None:
-        """Answer the next ``n`` requests matching ``method``/``path_contains`` with ``status`` (JSON error body)."""
+        """Answer the next ``n`` requests matching ``method``/``path_contains`` with ``status``.
+
+        The error has a JSON body like the Hub's (``{"error": ...}``); afterwards requests behave normally.
+        """
         with self._lock:
             self._failures.append(_FailureRule(n, status, method, path_contains))
 
@@ -284,12 +295,16 @@ class LocalHubServer:
     def _new_repo(self, repo_type: str, repo_id: str, private: bool) -> _Repo:
         repo = _Repo(repo_type=repo_type, repo_id=repo_id, private=private)
         oid = self._new_sha(repo_type, repo_id, "initial commit")
-        repo.commits[oid] = HubCommit(oid=oid, parent=None, message="initial commit", description="", files={})
+        repo.commits[oid] = HubCommit(
+            oid=oid, parent=None, message="initial commit", description="", files={}
+        )
         repo.branches["main"] = oid
         self._repos[(repo_type, repo_id)] = repo
         return repo
 
-    def _commit(self, repo: _Repo, branch: str, files: dict[str, bytes], message: str, description: str) -> HubCommit:
+    def _commit(
+        self, repo: _Repo, branch: str, files: dict[str, bytes], message: str, description: str
+    ) -> HubCommit:
         parent = repo.branches[branch]
         oid = self._new_sha(repo.repo_id, parent, message)
         commit = HubCommit(oid=oid, parent=parent, message=message, description=description, files=files)
@@ -328,7 +343,7 @@ class LocalHubServer:
 
     # ------------------------------------------------------------------ request handling
 
-    def _handle(self, req: "_HubRequestHandler") -> tuple[int, dict[str, str], bytes]:
+    def _handle(self, req: _HubRequestHandler) -> tuple[int, dict[str, str], bytes]:
         """Returns (status, headers, body). Never raises."""
         method = req.command
         split = urlsplit(req.path)
@@ -364,7 +379,7 @@ class LocalHubServer:
             traceback.print_exc(file=sys.stderr)
             return _json(500, {"error": f"LocalHubServer internal error: {e!r}"})
 
-    def _check_auth(self, req: "_HubRequestHandler") -> None:
+    def _check_auth(self, req: _HubRequestHandler) -> None:
         accepted = self.require_token
         if accepted is None:
             return
@@ -426,7 +441,9 @@ class LocalHubServer:
             raise HubError(409, f"You already created this {repo_type} repo", extra={"url": repo_url})
         private = payload.get("private", False) or payload.get("visibility") == "private"
         self._new_repo(repo_type, repo_id, bool(private))
-        return _json(200, {"url": repo_url, "name": repo_id, "id": hashlib.md5(repo_id.encode()).hexdigest()[:24]})
+        return _json(
+            200, {"url": repo_url, "name": repo_id, "id": hashlib.md5(repo_id.encode()).hexdigest()[:24]}
+        )
 
     def _delete_repo(self, payload: dict):
         repo_type, repo_id = self._full_repo_id(payload)
@@ -449,7 +466,7 @@ class LocalHubServer:
         return rest[0], rest[1:]
 
     def _repo_api(self, method, repo_type, rest, query, body, req):
-        # NB: revisions are sent quoted with safe="" ("refs%2Fpr%2F1"): split on raw "/" then unquote each part.
+        # Revisions are sent quoted with safe="" ("refs%2Fpr%2F1"): split on raw "/", then unquote each part.
         repo_id, tail = self._split_repo_id(repo_type, rest)
         repo = self._get_repo(repo_type, repo_id)
         action = tail[0] if tail else None
@@ -517,12 +534,22 @@ class LocalHubServer:
             for depth in range(1, len(rel_parts)):
                 folder = prefix + "/".join(rel_parts[:depth])
                 if folder not in entries:
-                    entries[folder] = {"type": "directory", "oid": git_blob_sha1(folder.encode()), "size": 0, "path": folder}
+                    entries[folder] = {
+                        "type": "directory",
+                        "oid": git_blob_sha1(folder.encode()),
+                        "size": 0,
+                        "path": folder,
+                    }
                 if not recursive:
                     break
             if recursive or len(rel_parts) == 1:
                 content = files[fpath]
-                entries[fpath] = {"type": "file", "oid": git_blob_sha1(content), "size": len(content), "path": fpath}
+                entries[fpath] = {
+                    "type": "file",
+                    "oid": git_blob_sha1(content),
+                    "size": len(content),
+                    "path": fpath,
+                }
         if prefix and not entries:
             raise HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": oid})
         return _json(200, list(entries.values()), {"X-Repo-Commit": oid})
@@ -637,7 +664,9 @@ class LocalHubServer:
             elif key == "lfsFile":
                 oid = value.get("oid")
                 if oid not in self._lfs_store:
-                    raise HubError(400, f"LocalHubServer does not support LFS uploads (unknown oid {oid} for {path})")
+                    raise HubError(
+                        400, f"LocalHubServer does not support LFS uploads (unknown oid {oid} for {path})"
+                    )
                 files[path] = self._lfs_store[oid]
             elif key == "deletedFile":
                 if path not in files:
@@ -791,13 +820,16 @@ def _parse_range(header: str, size: int) -> tuple[int | None, int | None]:
 # ---------------------------------------------------------------------- client patching + fixture
 
 
-def patch_hf_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: str | os.PathLike, token: str = TEST_TOKEN):
+def patch_hf_client(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str, home: str | os.PathLike, token: str = TEST_TOKEN
+):
     """Point the (already imported) ``huggingface_hub`` client at ``endpoint``, online, with a private cache.
 
-    ``huggingface_hub.constants`` computes ENDPOINT, HUGGINGFACE_CO_URL_TEMPLATE, HF_HUB_OFFLINE, cache paths,
-    HF_HUB_DISABLE_XET, ... once at import time, and a module-level ``HfApi`` instance (behind
-    ``huggingface_hub.create_repo``, ``upload_folder``, ...) captured the endpoint when it was created: setting
-    env vars alone is not enough, the module attributes are patched too. All changes are undone by ``monkeypatch``.
+    ``huggingface_hub.constants`` computes ENDPOINT, HUGGINGFACE_CO_URL_TEMPLATE, HF_HUB_OFFLINE, cache
+    paths, HF_HUB_DISABLE_XET, ... once at import time, and a module-level ``HfApi`` instance (behind
+    ``huggingface_hub.create_repo``, ``upload_folder``, ...) captured the endpoint when it was created:
+    setting env vars alone is not enough, the module attributes are patched too. ``monkeypatch`` undoes
+    everything.
     """
     import huggingface_hub
     from huggingface_hub import constants
@@ -860,11 +892,15 @@ def patch_hf_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: str | 
     if host and hasattr(constants, "HF_URL_HOSTS"):
         monkeypatch.setattr(constants, "HF_URL_HOSTS", frozenset(constants.HF_URL_HOSTS | {host.lower()}))
     if hasattr(huggingface_hub, "HUGGINGFACE_CO_URL_TEMPLATE"):
-        monkeypatch.setattr(huggingface_hub, "HUGGINGFACE_CO_URL_TEMPLATE", consts["HUGGINGFACE_CO_URL_TEMPLATE"])
+        monkeypatch.setattr(
+            huggingface_hub, "HUGGINGFACE_CO_URL_TEMPLATE", consts["HUGGINGFACE_CO_URL_TEMPLATE"]
+        )
 
     # Origins whose redirects keep the auth header.
     if hasattr(_http, "_HUB_ORIGINS") and hasattr(_http, "_url_origin"):
-        monkeypatch.setattr(_http, "_HUB_ORIGINS", frozenset(_http._HUB_ORIGINS | {_http._url_origin(endpoint)}))
+        monkeypatch.setattr(
+            _http, "_HUB_ORIGINS", frozenset(_http._HUB_ORIGINS | {_http._url_origin(endpoint)})
+        )
 
     # Names imported by value (`from ..constants import X`) in already-imported modules.
     for mod_name, attr, value in [
@@ -885,7 +921,9 @@ def patch_hf_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: str | 
     # Agent detection fetches `{ENDPOINT}/api/agent-harnesses` once per process and caches it under HF_HOME.
     detect = sys.modules.get("huggingface_hub.utils._detect_agent")
     if detect is not None and hasattr(detect, "_registry"):
-        monkeypatch.setattr(detect, "_registry", getattr(detect, "_EMPTY_REGISTRY", {"standardEnvVars": [], "harnesses": {}}))
+        monkeypatch.setattr(
+            detect, "_registry", getattr(detect, "_EMPTY_REGISTRY", {"standardEnvVars": [], "harnesses": {}})
+        )
 
     # transformers caches a shared HfApi (created lazily with the endpoint of that moment).
     _reset_transformers_hf_api(monkeypatch)
@@ -921,5 +959,5 @@ def hub_server(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterable[LocalHubSe
     finally:
         server.stop()
         _http.close_session()
-        # transformers may have created (and cached) its HfApi during the test: never leak it to the next test.
+        # transformers may have created (and cached) its HfApi during the test: don't leak it to the next one.
         _reset_transformers_hf_api()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import (
-    CommitOperationAdd,
+    CommitOperationCopy,
     CommitOperationDelete,
     HfApi,
     hf_hub_download,
@@ -21,11 +21,10 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-
-try:  # works whether or not `tests` is importable as a package
-    from tests.hub_server import TEST_TOKEN, TEST_USER, LocalHubServer, hub_server  # noqa: F401
-except ImportError:  # pragma: no cover
+try:  # tests/conftest.py puts tests/ on sys.path and imports the fixture from `hub_server`
     from hub_server import TEST_TOKEN, TEST_USER, LocalHubServer, hub_server  # noqa: F401
+except ImportError:  # pragma: no cover - running without that conftest
+    from tests.hub_server import TEST_TOKEN, TEST_USER, LocalHubServer, hub_server  # noqa: F401
 
 
 REPO = f"{TEST_USER}/softprompt-test"
@@ -121,7 +120,11 @@ def test_second_commit_and_old_revision(hub_server, uploaded, tmp_path):
     assert second.oid != first.oid
 
     # Unchanged files are detected as no-ops by the client thanks to the preupload `oid` answer.
-    assert [c["message"] for c in hub_server.commits(REPO)] == ["initial commit", "first upload", "second upload"]
+    assert [c["message"] for c in hub_server.commits(REPO)] == [
+        "initial commit",
+        "first upload",
+        "second upload",
+    ]
 
     new = hf_hub_download(REPO, "config.json")
     assert Path(new).read_text() == '{"num_virtual_tokens": 16}\n'
@@ -155,6 +158,54 @@ def test_single_500_on_commit_then_manual_retry(hub_server, tmp_path):
 
     api.upload_folder(repo_id=REPO, folder_path=folder)  # manual retry
     assert set(hub_server.files(REPO)) == EXPECTED
+
+
+def test_client_retries_idempotent_calls_by_itself(hub_server):
+    """Unlike the commit POST, preupload (http_backoff, ~1 s sleep) and the download HEAD are retried."""
+    api = HfApi()
+    api.create_repo(REPO)
+    hub_server.fail_next(1, 503, path_contains="/preupload/")
+    api.upload_file(path_or_fileobj=b"r", path_in_repo="r.txt", repo_id=REPO)
+    assert [s for m, p, s in hub_server.requests if "/preupload/" in p] == [503, 200]
+
+    hub_server.fail_next(1, 500, method="HEAD")
+    assert Path(hf_hub_download(REPO, "r.txt")).read_bytes() == b"r"
+    assert [s for m, p, s in hub_server.requests if m == "HEAD"] == [500, 200]
+
+
+def test_dataset_repo_branches_paths_info_and_copy(hub_server):
+    api = HfApi()
+    ds = "org/ds"
+    api.create_repo(ds, repo_type="dataset")
+    api.upload_file(
+        path_or_fileobj=b"a,b\n1,2\n", path_in_repo="data/train.csv", repo_id=ds, repo_type="dataset"
+    )
+    assert api.list_repo_files(ds, repo_type="dataset") == ["data/train.csv"]
+    top = list(api.list_repo_tree(ds, repo_type="dataset"))
+    assert [(type(e).__name__, e.path) for e in top] == [("RepoFolder", "data")]
+    infos = api.get_paths_info(ds, ["data", "data/train.csv", "nope"], repo_type="dataset")
+    assert [e.path for e in infos] == ["data", "data/train.csv"]
+
+    api.create_branch(ds, branch="dev", repo_type="dataset")
+    api.create_branch(ds, branch="dev", repo_type="dataset", exist_ok=True)
+    api.upload_file(
+        path_or_fileobj=b"dev", path_in_repo="x.txt", repo_id=ds, repo_type="dataset", revision="dev"
+    )
+    assert {b.name for b in api.list_repo_refs(ds, repo_type="dataset").branches} == {"main", "dev"}
+    assert "x.txt" not in hub_server.files(ds, repo_type="dataset")
+    assert hub_server.files(ds, revision="dev", repo_type="dataset")["x.txt"] == b"dev"
+
+    api.create_commit(
+        ds,
+        [CommitOperationCopy("data/train.csv", "copy.csv")],
+        commit_message="copy",
+        repo_type="dataset",
+    )
+    assert hub_server.files(ds, repo_type="dataset")["copy.csv"] == b"a,b\n1,2\n"
+    path = hf_hub_download(ds, "copy.csv", repo_type="dataset")
+    assert Path(path).read_bytes() == b"a,b\n1,2\n"
+    api.delete_repo(ds, repo_type="dataset")
+    assert not hub_server.repo_exists(ds, repo_type="dataset")
 
 
 def test_create_pr_leaves_main_untouched(hub_server):

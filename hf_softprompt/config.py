@@ -86,6 +86,10 @@ class SoftPromptConfig:
             `None` picks the task head of classification and QA models (`classifier`, `score`, ...);
             `[]` trains the prompt alone.
         base_model_name_or_path (`str`, *optional*): filled from the model when the prompt is added.
+        shared_prompt_cache (`bool`, defaults to `True`): decoder-only models compute the prompt once
+            per batch and let every row attend to its keys/values (same results, less compute), and
+            reuse them across `generate()` calls. Models and calls that cannot (sliding-window
+            caches, activation checkpointing in training, encoders) concatenate it to every row.
 
     Example:
         ```python
@@ -129,6 +133,11 @@ class SoftPromptConfig:
     )
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model id, filled in when the prompt is added."}
+    )
+    shared_prompt_cache: bool = field(
+        default=True,
+        metadata={"help": "Decoder-only models: run the prompt once per batch and share its "
+                          "keys/values across rows and generate() calls (false: once per row)."},
     )
 
     def __post_init__(self) -> None:
@@ -192,6 +201,11 @@ class SoftPromptConfig:
                     f"trainable_modules must be a list of module names, got {self.trainable_modules!r}."
                 )
             self.trainable_modules = list(self.trainable_modules)
+        if not isinstance(self.shared_prompt_cache, bool):
+            raise TypeError(
+                f"shared_prompt_cache must be True or False, got {type(self.shared_prompt_cache).__name__} "
+                f"{self.shared_prompt_cache!r}."
+            )
 
     @property
     def is_p_tuning(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -20,19 +21,22 @@ class TaskSpec:
             so the caller sees outputs aligned with `input_ids` and `labels`.
         default_trainable: base submodules trained with the prompt when the config does not say
             (the freshly initialised task heads of classification and QA models).
+        shifts_labels: the model's loss shifts per-position labels by one (causal LM), so the last
+            virtual position predicts the first label.
     """
 
     per_position_labels: tuple[str, ...] = ()
     position_labels: tuple[str, ...] = ()
     per_position_outputs: tuple[str, ...] = ("hidden_states", "last_hidden_state")
     default_trainable: tuple[str, ...] = ()
+    shifts_labels: bool = False
 
 
 _HIDDEN = ("hidden_states", "last_hidden_state")
 _HEADS = ("classifier", "score", "classification_head", "qa_outputs")
 
 TASK_SPECS: dict[TaskType, TaskSpec] = {
-    TaskType.CAUSAL_LM: TaskSpec(("labels",), (), ("logits", *_HIDDEN)),
+    TaskType.CAUSAL_LM: TaskSpec(("labels",), (), ("logits", *_HIDDEN), shifts_labels=True),
     TaskType.MASKED_LM: TaskSpec(("labels",), (), ("logits", *_HIDDEN)),
     TaskType.TOKEN_CLS: TaskSpec(("labels",), (), ("logits", *_HIDDEN), _HEADS),
     TaskType.QUESTION_ANS: TaskSpec(
@@ -98,3 +102,10 @@ def is_decoder_only(model: nn.Module) -> bool:
         model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         and model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
     )
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name `module.forward` gives its key/value cache: `cache` from transformers 5.24 on,
+    `past_key_values` before (5.24 still accepts the old name, with a deprecation warning)."""
+    accepted = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in accepted else "past_key_values"

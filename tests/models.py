@@ -83,3 +83,14 @@ def make_model(family: str, task: str, seed: int = 0, **overrides) -> torch.nn.M
             setattr(cfg, key, 0.0)
     model = AUTO[task].from_config(cfg)
     return model.float().eval()
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int = 1, std: float = 0.5) -> torch.nn.Module:
+    """Move every trainable parameter far from its init, as training would (so a dropped prompt
+    or head cannot pass a comparison unnoticed)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0, std)
+    return model

@@ -52,14 +52,14 @@ def reference_outputs(base, prompt: torch.Tensor, batch: dict, task: str, at: in
     B = ids.shape[0]
     emb = base.get_input_embeddings()(ids)
     full = insert(emb, prompt.unsqueeze(0).expand(B, -1, -1), at)
-    full_mask = insert(mask, torch.ones(B, P, dtype=mask.dtype), at)
+    full_mask = insert(mask, torch.ones(B, P, dtype=mask.dtype, device=mask.device), at)
     kwargs = {"inputs_embeds": full, "attention_mask": full_mask}
     decoder_only = not base.config.is_encoder_decoder and base.config.model_type != "bert"
     if decoder_only:
         kwargs["position_ids"] = (full_mask.cumsum(-1) - 1).clamp(min=0)
     keep = lambda t: torch.cat([t[:, :at], t[:, at + P:]], 1)  # noqa: E731
     if task in ("causal_lm", "masked_lm", "token_cls"):
-        labels = insert(batch["labels"], torch.full((B, P), -100), at)
+        labels = insert(batch["labels"], torch.full((B, P), -100, device=mask.device), at)
         out = base(**kwargs, labels=labels)
         return {"loss": out.loss, "logits": keep(out.logits)}
     if task == "seq2seq_lm":
@@ -74,9 +74,9 @@ def reference_outputs(base, prompt: torch.Tensor, batch: dict, task: str, at: in
         if decoder_only:
             # Pool the last real token by hand (the base model would pool the last position).
             hidden = base.base_model(**kwargs).last_hidden_state
-            index = torch.arange(full_mask.shape[1])
+            index = torch.arange(full_mask.shape[1], device=mask.device)
             last = (index * full_mask).argmax(-1)
-            logits = base.score(hidden[torch.arange(B), last])
+            logits = base.score(hidden[torch.arange(B, device=mask.device), last])
         else:
             logits = base(**kwargs).logits
         return {"loss": F.cross_entropy(logits, batch["labels"]), "logits": logits}

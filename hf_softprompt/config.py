@@ -86,10 +86,12 @@ class SoftPromptConfig:
             `None` picks the task head of classification and QA models (`classifier`, `score`, ...);
             `[]` trains the prompt alone.
         base_model_name_or_path (`str`, *optional*): filled from the model when the prompt is added.
-        shared_prompt_cache (`bool`, defaults to `True`): decoder-only models compute the prompt once
-            per batch and let every row attend to its keys/values (same results, less compute), and
-            reuse them across `generate()` calls. Models and calls that cannot (sliding-window
-            caches, activation checkpointing in training, encoders) concatenate it to every row.
+        shared_prompt_cache (`bool`, *optional*): decoder-only models compute the prompt once per
+            batch and let every row attend to its keys/values (same results, less compute), and
+            reuse them across `generate()` calls. `None` (default): wherever that is faster, i.e.
+            always except training on an accelerator (measured slower there); `True`: wherever
+            the model can; `False`: never. Models and calls that cannot (sliding-window caches,
+            activation checkpointing in training, encoders) concatenate it to every row.
 
     Example:
         ```python
@@ -134,10 +136,11 @@ class SoftPromptConfig:
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model id, filled in when the prompt is added."}
     )
-    shared_prompt_cache: bool = field(
-        default=True,
+    shared_prompt_cache: bool | None = field(
+        default=None,
         metadata={"help": "Decoder-only models: run the prompt once per batch and share its "
-                          "keys/values across rows and generate() calls (false: once per row)."},
+                          "keys/values across rows and generate() calls. Unset: where it is faster "
+                          "(not in training on a GPU); true: wherever possible; false: never."},
     )
 
     def __post_init__(self) -> None:
@@ -201,10 +204,10 @@ class SoftPromptConfig:
                     f"trainable_modules must be a list of module names, got {self.trainable_modules!r}."
                 )
             self.trainable_modules = list(self.trainable_modules)
-        if not isinstance(self.shared_prompt_cache, bool):
+        if self.shared_prompt_cache is not None and not isinstance(self.shared_prompt_cache, bool):
             raise TypeError(
-                f"shared_prompt_cache must be True or False, got {type(self.shared_prompt_cache).__name__} "
-                f"{self.shared_prompt_cache!r}."
+                "shared_prompt_cache must be None (where faster), True or False, got "
+                f"{type(self.shared_prompt_cache).__name__} {self.shared_prompt_cache!r}."
             )
 
     @property

@@ -67,7 +67,7 @@ class SoftPromptInjector:
         # each row's last real token there so the pooled token is a real one, as without a prompt.
         self.pools_last_token = self.decoder_only and config.task_type is TaskType.SEQ_CLS
         self.max_positions = _max_positions(model.config)
-        self.shared = SharedPromptCache(model, self.spec, enabled=config.shared_prompt_cache,
+        self.shared = SharedPromptCache(model, self.spec, setting=config.shared_prompt_cache,
                                         front=self.insert_at == 0)
         self._state: _CallState | None = None
         self._handles: list[Any] = []
@@ -166,7 +166,7 @@ class SoftPromptInjector:
             return kwargs, None
 
         prompt = self.prompt().to(dtype=embeds.dtype, device=embeds.device)  # (P, D)
-        carried = self._virtual_in_sequence(kwargs)
+        carried = self._virtual_in_sequence(kwargs, embeds.device)
         if carried < num_virtual:
             # The other virtual tokens come in as keys/values computed once for the whole batch.
             kwargs[self.cache_key] = self.shared.build(prompt[: num_virtual - carried], batch, cache)
@@ -207,10 +207,10 @@ class SoftPromptInjector:
             state.roll = self._roll_last_real_token_to_end(kwargs, input_ids)
         return kwargs, state
 
-    def _virtual_in_sequence(self, kwargs: dict) -> int:
+    def _virtual_in_sequence(self, kwargs: dict, device: torch.device) -> int:
         """How many virtual tokens the first call runs in its sequence: all P, or with the shared
         prompt cache none, or the last one when shifted labels need its prediction of labels[:, 0]."""
-        if self.shared.reason_against(kwargs) is not None:
+        if self.shared.reason_against(kwargs, device) is not None:
             return self.num_virtual
         has_labels = any(kwargs.get(key) is not None for key in self.spec.per_position_labels)
         return min(int(self.spec.shifts_labels and has_labels), self.num_virtual)

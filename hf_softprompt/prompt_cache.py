@@ -9,6 +9,12 @@ the keys/values are kept and reused until a parameter of the model changes.
 
 The injector asks `reason_against` first; when it returns a reason, it concatenates the prompt
 to every row as usual. Each decision is logged once per model and reason.
+
+Training on an accelerator concatenates too: there a step is bound by kernel launches more than by
+token count, and the prompt pass (every layer again, forward and backward, for P tokens) made a
+training step 1.3-2.0x slower than concatenation on an H100 (benchmarks/gpu_results.md).
+Evaluation and `generate` there still share the prompt: without a graph its keys/values are
+computed once and kept, so the shared path only saves work.
 """
 
 from __future__ import annotations
@@ -36,23 +42,31 @@ class SharedPromptCache:
     Args:
         model (`PreTrainedModel`): the soft-prompted model (decoder-only for the cache to apply).
         spec (`TaskSpec`): how the model's task head reads labels and outputs.
-        enabled (`bool`, defaults to `True`): `SoftPromptConfig.shared_prompt_cache`.
+        setting (`bool`, *optional*): `SoftPromptConfig.shared_prompt_cache`: None where faster,
+            True wherever possible, False never.
         front (`bool`, defaults to `True`): whether the prompt sits in front of the input.
     """
 
-    def __init__(self, model: nn.Module, spec: TaskSpec, enabled: bool = True, front: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, spec: TaskSpec, setting: bool | None = None, front: bool = True
+    ) -> None:
         self.model = model
         self.spec = spec
         self.base = getattr(model, "base_model", model)
-        self.model_reason = model_reason(model, self.base, enabled, front)
+        self.setting = setting
+        self.model_reason = model_reason(model, self.base, setting is not False, front)
         self.cache_key = cache_argument(model)
         self._kept: tuple[tuple, _KeyValues] | None = None  # (key, keys/values) from a no-graph pass
         self._logged: set[str | None] = set()
 
-    def reason_against(self, kwargs: dict[str, Any]) -> str | None:
-        """Why the call with these (first-call) arguments must concatenate the prompt; None when it
-        can use the shared cache. Logs the path taken, once per model and reason."""
+    def reason_against(self, kwargs: dict[str, Any], device: torch.device) -> str | None:
+        """Why the call with these (first-call) arguments, on `device`, must concatenate the prompt;
+        None when it can use the shared cache. Logs the path taken, once per model and reason."""
         reason = self.model_reason or call_reason(self.model, self.spec, kwargs, self.cache_key)
+        if reason is SHARED and self.setting is None and device.type != "cpu" and self.needs_graph():
+            reason = (f"training on {device.type}, where the extra prompt pass (forward and backward) costs "
+                      "more than it saves (1.3-2.0x slower steps on an H100); "
+                      "SoftPromptConfig(shared_prompt_cache=True) forces the shared path")
         if reason not in self._logged:
             self._logged.add(reason)
             name = type(self.model).__name__
@@ -80,13 +94,17 @@ class SharedPromptCache:
             layer.is_initialized = True
         return cache
 
+    def needs_graph(self) -> bool:
+        """Whether a prompt pass now must be recorded for backward (or may differ per call, as
+        dropout does in training), so its keys/values cannot be kept."""
+        return self.model.training or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+        )
+
     def _key_values(self, prompt: torch.Tensor) -> _KeyValues:
         """Per-layer keys/values of the prompt: reused while no graph is needed and no parameter
         changed (optimizer steps and `load_state_dict` bump `_version`, `.data =` moves the pointer)."""
-        needs_graph = self.model.training or (
-            torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
-        )
-        if needs_graph:
+        if self.needs_graph():
             self._kept = None
             return self._run_prompt(prompt)
         device = prompt.device.type

@@ -321,8 +321,31 @@ def test_qa_shares_for_inference_only():
 
 # ------------------------------------------------------------------- config
 def test_config_switch_validated_and_round_trips():
-    with pytest.raises(TypeError, match=r"shared_prompt_cache must be True or False, got str 'no'"):
+    with pytest.raises(TypeError, match=r"shared_prompt_cache must be None \(where faster\), True or "
+                                        r"False, got str 'no'"):
         SoftPromptConfig(shared_prompt_cache="no")
-    config = SoftPromptConfig(shared_prompt_cache=False)
-    assert SoftPromptConfig.from_dict(config.to_dict()) == config
-    assert SoftPromptConfig().shared_prompt_cache is True
+    for setting in (None, True, False):
+        config = SoftPromptConfig(shared_prompt_cache=setting)
+        assert SoftPromptConfig.from_dict(config.to_dict()) == config
+    assert SoftPromptConfig().shared_prompt_cache is None
+
+
+@pytest.mark.parametrize("setting", [None, True])
+def test_default_trains_with_the_plain_path_on_accelerators_only(setting):
+    # The decision alone (CI has no GPU): the device is only compared, never used.
+    model = add_soft_prompt(make_model("llama", "causal_lm"),
+                            SoftPromptConfig(num_virtual_tokens=P, shared_prompt_cache=setting))
+    shared = get_injector(model).shared
+    kwargs = {"attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    model.train()
+    on_gpu = shared.reason_against(kwargs, cuda)
+    if setting is None:
+        assert on_gpu.startswith("training on cuda, where the extra prompt pass")
+        assert "SoftPromptConfig(shared_prompt_cache=True) forces the shared path" in on_gpu
+    else:
+        assert on_gpu is None
+    assert shared.reason_against(kwargs, cpu) is None
+    model.eval()
+    with torch.no_grad():  # evaluation and generate keep the prompt's keys/values: always shared
+        assert shared.reason_against(kwargs, cuda) is None

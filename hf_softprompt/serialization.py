@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -154,8 +155,10 @@ def save_soft_prompt(
     weights_path = os.path.join(save_directory, ADAPTER_WEIGHTS_NAME)
     config_path = os.path.join(save_directory, ADAPTER_CONFIG_NAME)
     tensors = adapter_state_dict(model)
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(config_path, lambda tmp: _write_text(tmp, config_json))
+    _write_atomically({
+        weights_path: lambda tmp: save_file(tensors, tmp, metadata=metadata),
+        config_path: lambda tmp: _write_text(tmp, config_json),
+    })
     written = [config_path, weights_path]
     if tokenizer is not None:
         written += [os.fspath(f) for f in tokenizer.save_pretrained(save_directory)]
@@ -174,6 +177,7 @@ def push_adapter_folder(
     repo_id: str,
     *,
     model_card: str | os.PathLike | None = None,
+    extra_files: Sequence[str | os.PathLike] = (),
     checkpoint_path_in_repo: str | None = None,
     token: str | None = None,
     revision: str | None = None,
@@ -193,6 +197,8 @@ def push_adapter_folder(
         repo_id (`str`): the Hub repo.
         model_card (*optional*): path of the README.md to push; defaults to `folder/README.md` when
             it exists (no card is pushed otherwise).
+        extra_files (*optional*): more local files (e.g. the tokenizer's) pushed to the repo root
+            under their own names.
         checkpoint_path_in_repo (`str`, *optional*): also put the adapter files under this folder of
             the repo (the Trainer's `last-checkpoint/` or `checkpoint-N/`).
         create_repo (`bool`, defaults to `True`): create the repo if missing.
@@ -213,6 +219,7 @@ def push_adapter_folder(
         files[name] = path
         if checkpoint_path_in_repo:
             files[f"{checkpoint_path_in_repo.strip('/')}/{name}"] = path
+    files.update({os.path.basename(os.fspath(path)): os.fspath(path) for path in extra_files})
     card = os.fspath(model_card) if model_card is not None else os.path.join(folder, MODEL_CARD_NAME)
     if os.path.isfile(card):
         files[MODEL_CARD_NAME] = card
@@ -374,17 +381,23 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def _atomic_write(path: str, write: Any) -> None:
-    """Write via `write(tmp_path)` next to `path`, fsync, then rename over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+def _write_atomically(writers: dict[str, Any]) -> None:
+    """For each `{path: write}`, `write(tmp_path)` to a temporary file next to `path` and fsync it;
+    only when every file is complete, rename each over its path. A failure (or a crash) while
+    writing leaves the previous files as they were, and no temporary file behind."""
+    temporary: dict[str, str] = {}
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        for path, write in writers.items():
+            directory = os.path.dirname(os.path.abspath(path))
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            temporary[path] = tmp
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporary.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)

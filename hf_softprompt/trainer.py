@@ -125,9 +125,14 @@ class SoftPromptTrainer(Trainer):
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, private: bool | None = None,
-                    **kwargs: Any) -> Any:
-        # The stock push uploads all of output_dir (training_args.bin, logs, tokenizer): we push
-        # the adapter files and the card only, in one commit.
+                    *, push_tokenizer: bool = False, **kwargs: Any) -> Any:
+        """Upload the adapter files and a soft-prompt model card in one commit, and with
+        `push_tokenizer=True` the `processing_class`'s files too; never base weights,
+        `training_args.bin` or logs. Other arguments as in `Trainer.push_to_hub`."""
+        # The stock push uploads all of output_dir (training_args.bin, logs, tokenizer).
+        if push_tokenizer and self.processing_class is None:
+            raise ValueError("push_tokenizer=True, but the Trainer has no processing_class to push. "
+                             "Pass processing_class=tokenizer to the Trainer.")
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:
@@ -135,10 +140,15 @@ class SoftPromptTrainer(Trainer):
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
+        tokenizer_files = []
+        if push_tokenizer:  # the files save_model wrote; saved again to learn their names
+            written = self.processing_class.save_pretrained(self.args.output_dir)
+            tokenizer_files = [os.fspath(f) for f in written if os.path.isfile(f)]
         self.create_model_card(**kwargs)
         self._finish_current_push()
         return push_adapter_folder(
-            self.args.output_dir, self.hub_model_id, token=token, commit_message=commit_message,
+            self.args.output_dir, self.hub_model_id, extra_files=tokenizer_files, token=token,
+            commit_message=commit_message,
             revision=revision or self.args.hub_revision, create_repo=False, run_as_future=not blocking,
         )
 

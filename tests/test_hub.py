@@ -211,6 +211,22 @@ def test_trainer_push_to_hub_uploads_adapter_and_card_only(hub_server, tmp_path,
     torch.testing.assert_close(logits(loaded), logits(trainer.model), atol=1e-6, rtol=0)
 
 
+def test_trainer_push_tokenizer_on_request(hub_server, tmp_path, tokenizer_dir):
+    trainer = make_trainer(tmp_path, tokenizer_dir)
+    trainer.train()
+    trainer.push_to_hub(push_tokenizer=True)
+    pushed = set(hub_server.files(REPO))
+    assert {"tokenizer.json", "tokenizer_config.json"} <= pushed
+    assert pushed - ADAPTER - {CARD} <= {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    downloaded = AutoTokenizer.from_pretrained(REPO, revision="main")  # from the test Hub
+    assert downloaded("the movie was great")["input_ids"] == trainer.processing_class(
+        "the movie was great")["input_ids"]
+
+    trainer.processing_class = None
+    with pytest.raises(ValueError, match=r"push_tokenizer=True, but the Trainer has no processing_class"):
+        trainer.push_to_hub(push_tokenizer=True)
+
+
 @pytest.mark.parametrize("strategy,extra", [
     ("every_save", set()),
     ("checkpoint", {f"last-checkpoint/{n}" for n in ADAPTER}),

@@ -83,6 +83,32 @@ def test_exact_files_and_peft_only_json(tmp_path, encoder):
     torch.testing.assert_close(prompt, model.soft_prompt().detach())  # the export: through the encoder
 
 
+@pytest.mark.parametrize("failing", ["weights", "config"])
+def test_a_crash_while_saving_leaves_the_last_good_adapter(tmp_path, monkeypatch, failing):
+    import hf_softprompt.serialization as serialization
+
+    model = trained("gpt2", "causal_lm")
+    save_soft_prompt(model, tmp_path)
+    good = {name: (tmp_path / name).read_bytes() for name in ADAPTER}
+    perturb_trainable(model, seed=7)  # training went on: the next save differs
+
+    def crash_half_way(*args, **kwargs):
+        path = next(a for a in args if isinstance(a, str))  # save_file(tensors, path), _write_text(path, text)
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt  # a kill, not just an exception
+
+    name = {"weights": "save_file", "config": "_write_text"}[failing]
+    monkeypatch.setattr(serialization, name, crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_soft_prompt(model, tmp_path)
+    assert set(os.listdir(tmp_path)) == ADAPTER  # no temporary file left behind
+    assert {name: (tmp_path / name).read_bytes() for name in ADAPTER} == good
+    monkeypatch.undo()
+    save_soft_prompt(model, tmp_path)  # the next save goes through
+    assert (tmp_path / ADAPTER_WEIGHTS_NAME).read_bytes() != good[ADAPTER_WEIGHTS_NAME]
+
+
 def test_tokenizer_saved_next_to_adapter(tmp_path, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     expected = {os.path.basename(p) for p in tokenizer.save_pretrained(tmp_path / "tok_only")}

@@ -22,7 +22,6 @@ Every `TrainingArguments` and `SoftPromptConfig` field is a flag (`--help` lists
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,20 +37,16 @@ from utils import (
     ModelArguments,
     drop_nominal_gguf_quantizer,
     format_inputs,
-    generate_answers,
     load_kwargs,
-    load_metric,
     load_raw_datasets,
     make_tiny_model,
     parse_args,
     setup_logging,
     smollm2_gguf,
-    write_report,
+    train_and_score_generation,
 )
 
 from hf_softprompt import SoftPromptConfig, SoftPromptTrainer
-
-logger = logging.getLogger(__name__)
 
 # The settings of the measured run in examples/README.md; every one can be overridden by a flag.
 DEFAULTS: dict[str, Any] = dict(
@@ -128,7 +123,6 @@ def main() -> None:
 
     eval_inputs = format_inputs(data_args, raw["validation"][data_args.text_column])
     references = [str(label) for label in raw["validation"][data_args.label_column]]
-    exact_match = load_metric("exact_match")
 
     trainer = SoftPromptTrainer(
         model=model,
@@ -138,40 +132,13 @@ def main() -> None:
         processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
     )
-
-    def evaluate_generation() -> tuple[dict[str, float], list[str]]:
-        answers = generate_answers(
-            trainer.model, tokenizer, eval_inputs, max_length=data_args.max_length,
-            max_new_tokens=generation_args.max_new_tokens,
-            batch_size=training_args.per_device_eval_batch_size,
-        )
-        # Case and punctuation are ignored, so "Complaint." counts for the zero-shot baseline.
-        score = exact_match.compute(predictions=answers, references=references, ignore_case=True,
-                                    ignore_punctuation=True)
-        return score, answers
-
-    before, answers_before = evaluate_generation()
-    logger.info(f"Exact match before training: {before['exact_match']:.3f}")
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()  # the adapter: adapter_config.json + adapter_model.safetensors
-    after, answers_after = evaluate_generation()
-
-    results = {
-        "model": model_args.model_name_or_path,
-        "gguf_file": model_args.gguf_file,
-        "num_virtual_tokens": prompt_config.num_virtual_tokens,
-        "eval_examples": len(references),
-        "before": before,
-        "after": after,
-        "train": train_result.metrics,
-        "samples": [
-            {"input": x, "reference": r, "before": b, "after": a}
-            for x, r, b, a in zip(eval_inputs[:8], references, answers_before, answers_after, strict=False)
-        ],
-    }
-    write_report(training_args.output_dir, trainer.model, tokenizer, results)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tasks="text-generation")
+    train_and_score_generation(
+        trainer, tokenizer, eval_inputs, references, max_length=data_args.max_length,
+        max_new_tokens=generation_args.max_new_tokens, task="text-generation",
+        finetuned_from=model_args.model_name_or_path,
+        results={"model": model_args.model_name_or_path, "gguf_file": model_args.gguf_file,
+                 "num_virtual_tokens": prompt_config.num_virtual_tokens},
+    )
 
 
 if __name__ == "__main__":

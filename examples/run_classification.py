@@ -18,7 +18,6 @@ Every `TrainingArguments` and `SoftPromptConfig` field is a flag (`--help` lists
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import datasets
@@ -46,8 +45,6 @@ from utils import (
 )
 
 from hf_softprompt import SoftPromptConfig, SoftPromptTrainer
-
-logger = logging.getLogger(__name__)
 
 # The settings of the measured run in examples/README.md; every one can be overridden by a flag.
 DEFAULTS: dict[str, Any] = dict(

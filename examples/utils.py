@@ -317,6 +317,45 @@ def generate_answers(
     return answers
 
 
+def train_and_score_generation(
+    trainer: Any, tokenizer: Any, eval_inputs: Sequence[str], references: Sequence[str], *,
+    max_length: int, max_new_tokens: int, results: dict[str, Any], task: str,
+    finetuned_from: str | None,
+) -> None:
+    """The text-to-text scripts' main flow: exact match of greedy answers before training, train,
+    save the adapter, exact match after; then the report (with `results` as its first entries) and,
+    with `--push_to_hub`, the push of the adapter and its card (`task`: the card's pipeline tag).
+
+    Case and punctuation are ignored, so an answer "Complaint." counts for the zero-shot baseline.
+    """
+    args = trainer.args
+    exact_match = load_metric("exact_match")
+
+    def score() -> tuple[dict[str, float], list[str]]:
+        answers = generate_answers(trainer.model, tokenizer, eval_inputs, max_length=max_length,
+                                   max_new_tokens=max_new_tokens, batch_size=args.per_device_eval_batch_size)
+        return exact_match.compute(predictions=answers, references=references, ignore_case=True,
+                                   ignore_punctuation=True), answers
+
+    before, answers_before = score()
+    logger.info(f"Exact match before training: {before['exact_match']:.3f}")
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()  # the adapter: adapter_config.json + adapter_model.safetensors
+    after, answers_after = score()
+    samples = zip(eval_inputs[:8], references, answers_before, answers_after, strict=False)
+    results = {
+        **results,
+        "eval_examples": len(references),
+        "before": before,
+        "after": after,
+        "train": train_result.metrics,
+        "samples": [{"input": x, "reference": r, "before": b, "after": a} for x, r, b, a in samples],
+    }
+    write_report(args.output_dir, trainer.model, tokenizer, results)
+    if args.push_to_hub:
+        trainer.push_to_hub(finetuned_from=finetuned_from, tasks=task)
+
+
 # --------------------------------------------------------------------- metrics, reports
 def load_metric(name: str) -> evaluate.EvaluationModule:
     """A metric module shipped in `examples/metrics/<name>` (no Hub access needed)."""

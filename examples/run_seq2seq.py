@@ -32,6 +32,7 @@ from transformers import (
 )
 from utils import (
     DataArguments,
+    GenerationArguments,
     ModelArguments,
     format_inputs,
     load_kwargs,
@@ -74,21 +75,20 @@ DEFAULTS: dict[str, Any] = dict(
 
 
 @dataclass
-class GenerationArguments:
-    """How targets are generated for the exact-match evaluation."""
+class Seq2SeqGenerationArguments(GenerationArguments):
+    """How targets are generated for the exact-match evaluation, and how long they may be."""
 
-    max_new_tokens: int = field(default=4, metadata={"help": "Tokens generated per target (greedy)."})
     max_target_length: int = field(default=8, metadata={"help": "Maximum target tokens in training."})
 
 
 def main() -> None:
     model_args, data_args, generation_args, prompt_config, training_args = parse_args(
-        (ModelArguments, DataArguments, GenerationArguments, SoftPromptConfig, TrainingArguments),
+        (ModelArguments, DataArguments, Seq2SeqGenerationArguments, SoftPromptConfig, TrainingArguments),
         DEFAULTS, default_model=lambda: (DEFAULT_MODEL, None),
     )
     model_args: ModelArguments
     data_args: DataArguments
-    generation_args: GenerationArguments
+    generation_args: Seq2SeqGenerationArguments
     prompt_config: SoftPromptConfig
     training_args: TrainingArguments
     setup_logging()

@@ -89,6 +89,13 @@ class DataArguments:
     )
 
 
+@dataclass
+class GenerationArguments:
+    """How answers are generated for the exact-match evaluation of the text-to-text scripts."""
+
+    max_new_tokens: int = field(default=4, metadata={"help": "Tokens generated per answer (greedy)."})
+
+
 def parse_args(
     dataclass_types: Sequence[type],
     defaults: dict[str, Any],

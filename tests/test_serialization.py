@@ -93,7 +93,8 @@ def test_a_crash_while_saving_leaves_the_last_good_adapter(tmp_path, monkeypatch
     perturb_trainable(model, seed=7)  # training went on: the next save differs
 
     def crash_half_way(*args, **kwargs):
-        path = next(a for a in args if isinstance(a, str))  # save_file(tensors, path), _write_text(path, text)
+        # save_file(tensors, path) or _write_text(path, text): the path is the str argument
+        path = next(a for a in args if isinstance(a, str))
         with open(path, "wb") as f:
             f.write(b"half a file")
         raise KeyboardInterrupt  # a kill, not just an exception

@@ -37,7 +37,8 @@ class SoftPromptCallback(TrainerCallback):
     Trainer: resuming from an adapter-only checkpoint (`train(resume_from_checkpoint=...)`) and
     `load_best_model_at_end=True` (the stock Trainer loads checkpoints as base weights before any
     callback event; both are refused here at construction when set in the training arguments),
-    the trainable-parameter count in the log history, and the loss normalisation of Llama-style
+    the trainable-parameter count in the log history (the callback prints it once at the start,
+    and logs it at INFO), and the loss normalisation of Llama-style
     causal LMs, whose target tokens the Trainer counts before the prompt exists (the loss comes
     out a few percent too large; the gradient direction is unchanged).
 
@@ -62,15 +63,16 @@ class SoftPromptCallback(TrainerCallback):
                 "Build one with SoftPromptConfig(num_virtual_tokens=...)."
             )
         self.config = config
-        # Set by SoftPromptTrainer, whose overrides load adapter checkpoints.
-        self._trainer_loads_adapters = False
+        # Set by SoftPromptTrainer, whose overrides load adapter checkpoints and which logs the
+        # trainable-parameter count through Trainer.log.
+        self._in_soft_prompt_trainer = False
 
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         model: nn.Module | None = None, **kwargs: Any,
     ) -> None:
         # Now, not at on_train_begin: by then `train()` has built the optimizer without the prompt.
-        if not self._trainer_loads_adapters:
+        if not self._in_soft_prompt_trainer:
             # The stock Trainer loads checkpoints as base-model weights, before any callback event:
             # refuse now what would fail later (resume_from_checkpoint is what scripts pass to train()).
             wanted = [n for n in ("load_best_model_at_end", "resume_from_checkpoint") if getattr(args, n)]
@@ -95,7 +97,12 @@ class SoftPromptCallback(TrainerCallback):
                 "at the end of your model_init function."
             )
         if state.is_world_process_zero:
-            logger.info(describe_trainable(model))
+            summary = describe_trainable(model)
+            logger.info(summary)
+            if not self._in_soft_prompt_trainer:
+                # A callback cannot reach the stock Trainer's logs: print the count once, as PEFT's
+                # print_trainable_parameters() does (SoftPromptTrainer puts it in the logs instead).
+                print(summary)
 
 
 def prepare_model(model: nn.Module | None, config: SoftPromptConfig | None) -> nn.Module:

@@ -63,7 +63,7 @@ class SoftPromptTrainer(Trainer):
         else:
             callback = SoftPromptCallback(soft_prompt_config)
             callbacks.append(callback)
-        callback._trainer_loads_adapters = True  # our overrides below load adapter checkpoints
+        callback._in_soft_prompt_trainer = True  # our overrides load adapter checkpoints and log counts
         super().__init__(*args, callbacks=callbacks, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:

@@ -421,20 +421,23 @@ def test_torch_compile_trains_the_prompt_as_eager_does(tmp_path):
 
 # ----------------------------------------------------------------------------- logging
 @pytest.mark.parametrize("path", list(PATHS))
-def test_trainable_count_is_logged_once_at_the_start(tmp_path, path, caplog):
+def test_trainable_count_is_logged_once_at_the_start(tmp_path, path, caplog, capsys):
     model = tiny("llama", "causal_lm")
     trainer = PATHS[path](model, training_args(tmp_path), dataset("causal_lm"))
+    capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="hf_softprompt"):
         trainer.train()
+    printed = [line for line in capsys.readouterr().out.splitlines() if "soft prompt:" in line]
     trainable = P * model.config.hidden_size
     messages = [r.getMessage() for r in caplog.records if "soft prompt:" in r.getMessage()]
     assert len(messages) == 1
     assert re.fullmatch(rf"soft prompt: {P} virtual tokens, {trainable:,} trainable parameters \([0-9.]+ %\)",
                         messages[0])
     entries = [h for h in trainer.state.log_history if "trainable_params" in h]
-    if path == "callback":  # only the subclass can call Trainer.log
-        assert entries == []
+    if path == "callback":  # only the subclass can call Trainer.log: the callback prints the line
+        assert entries == [] and printed == messages
     else:
+        assert printed == []  # shown by the Trainer's own log output instead
         assert trainer.state.log_history[0] is entries[0] and len(entries) == 1
         total = sum(p.numel() for p in model.parameters())
         assert entries[0]["trainable_params"] == trainable

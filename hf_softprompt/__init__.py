@@ -4,11 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .attach import add_soft_prompt, get_soft_prompt_config, remove_soft_prompt  # noqa: E402
 from .callbacks import SoftPromptCallback  # noqa: E402
 from .config import SoftPromptConfig  # noqa: E402
 from .describe import describe_soft_prompt, format_nearest_tokens  # noqa: E402
 from .hub import HubError  # noqa: E402
-from .inject import add_soft_prompt, get_soft_prompt_config, remove_soft_prompt  # noqa: E402
 from .loading import load_soft_prompt  # noqa: E402
 from .serialization import save_soft_prompt  # noqa: E402
 from .trainer import SoftPromptTrainer  # noqa: E402

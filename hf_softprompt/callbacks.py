@@ -15,8 +15,9 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .attach import add_soft_prompt
 from .config import SoftPromptConfig
-from .inject import add_soft_prompt, get_injector
+from .inject import get_injector
 from .serialization import save_soft_prompt
 
 logger = logging.getLogger(__name__)

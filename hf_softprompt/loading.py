@@ -30,9 +30,9 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
+from .attach import attach_soft_prompt, resolve_trainable_modules
 from .config import SoftPromptConfig, TaskType
 from .hub import download_files
-from .inject import attach_soft_prompt, resolve_trainable_modules
 from .serialization import (
     ADAPTER_BIN_NAME,
     ADAPTER_CONFIG_NAME,

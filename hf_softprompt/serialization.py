@@ -22,9 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .attach import resolve_trainable_modules
 from .config import SoftPromptConfig, TaskType
 from .hub import push_files
-from .inject import PROMPT_MODULE_NAME, get_injector, resolve_trainable_modules
+from .inject import PROMPT_MODULE_NAME, get_injector
 from .modelcard import MODEL_CARD_NAME, build_model_card
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"

@@ -13,9 +13,10 @@ from transformers import Trainer
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
+from .attach import get_soft_prompt_config
 from .callbacks import SoftPromptCallback, trainable_counts
 from .config import SoftPromptConfig
-from .inject import get_injector, get_soft_prompt_config
+from .inject import get_injector
 from .modelcard import MODEL_CARD_NAME, build_model_card
 from .serialization import ADAPTER_FILES, load_soft_prompt_weights, push_adapter_folder
 

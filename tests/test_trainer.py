@@ -29,8 +29,9 @@ from hf_softprompt import (
     remove_soft_prompt,
     save_soft_prompt,
 )
+from hf_softprompt.attach import resolve_trainable_modules
 from hf_softprompt.callbacks import prepare_model
-from hf_softprompt.inject import get_injector, resolve_trainable_modules
+from hf_softprompt.inject import get_injector
 from hf_softprompt.serialization import adapter_state_dict, read_adapter
 
 P = 4

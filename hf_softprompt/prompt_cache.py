@@ -55,7 +55,8 @@ class SharedPromptCache:
         self.base = getattr(model, "base_model", model)
         self.setting = setting
         self.model_reason = model_reason(model, self.base, setting is not False, front)
-        self.cache_key = cache_argument(model)
+        self.cache_key = cache_argument(model)  # the real call's cache argument
+        self._base_cache_key = cache_argument(self.base)  # the prompt pass's (read once, not per step)
         self._kept: tuple[tuple, _KeyValues] | None = None  # (key, keys/values) from a no-graph pass
         self._logged: set[str | None] = set()
 
@@ -124,7 +125,7 @@ class SharedPromptCache:
         run = self.base.forward if self.base is self.model else self.base
         run(inputs_embeds=prompt.unsqueeze(0), attention_mask=None, use_cache=True,
             position_ids=torch.arange(num, device=prompt.device).unsqueeze(0),
-            return_dict=True, **{cache_argument(self.base): cache})
+            return_dict=True, **{self._base_cache_key: cache})
         return [(layer.keys, layer.values) for layer in cache.layers]
 
 

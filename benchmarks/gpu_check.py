@@ -41,7 +41,7 @@ def check_equivalence(lines: list[str]) -> None:
             model = add_soft_prompt(copy.deepcopy(base), SoftPromptConfig(num_virtual_tokens=4))
             batch = to(make_batch(task, [7, 3, 5], side), DEVICE)
             ours = model(**batch)
-            ref = reference_outputs(base, model.soft_prompt().detach(), batch, task)
+            ref = reference_outputs(base, model.soft_prompts["default"]().detach(), batch, task)
             loss_diff = (ours.loss - ref["loss"]).abs().item()
             lines.append(f"| {family} {task} {side} | fp32 loss diff {loss_diff:.2e} |")
             assert loss_diff < 1e-4, (family, task, side, loss_diff)
@@ -67,8 +67,8 @@ def check_bf16(lines: list[str]) -> None:
     model.to(DEVICE, torch.bfloat16)
     loss = model(**to(make_batch("causal_lm", [7, 5]), DEVICE)).loss
     loss.backward()
-    grad = model.soft_prompt.embedding.weight.grad
-    ok = model.soft_prompt.embedding.weight.dtype == torch.float32 and bool(torch.isfinite(grad).all())
+    grad = model.soft_prompts["default"].embedding.weight.grad
+    ok = model.soft_prompts["default"].embedding.weight.dtype == torch.float32 and bool(torch.isfinite(grad).all())
     lines.append(f"| llama bf16 model | prompt float32 with finite grad: {ok} |")
 
 

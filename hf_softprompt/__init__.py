@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .attach import add_soft_prompt, get_soft_prompt_config, remove_soft_prompt  # noqa: E402
+from .attach import (  # noqa: E402
+    add_soft_prompt,
+    get_active_soft_prompt,
+    get_soft_prompt_config,
+    remove_soft_prompt,
+    set_active_soft_prompt,
+    soft_prompt_names,
+)
 from .callbacks import SoftPromptCallback  # noqa: E402
 from .config import SoftPromptConfig  # noqa: E402
 from .describe import describe_soft_prompt, format_nearest_tokens  # noqa: E402
@@ -22,8 +29,11 @@ __all__ = [
     "add_soft_prompt",
     "describe_soft_prompt",
     "format_nearest_tokens",
+    "get_active_soft_prompt",
     "get_soft_prompt_config",
     "load_soft_prompt",
     "remove_soft_prompt",
     "save_soft_prompt",
+    "set_active_soft_prompt",
+    "soft_prompt_names",
 ]

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .attach import add_soft_prompt
+from .attach import add_soft_prompt, remove_soft_prompt
+from .bank import DEFAULT_NAME
 from .config import SoftPromptConfig
 from .inject import get_injector
 from .serialization import save_soft_prompt
+
+PromptConfigs = SoftPromptConfig | Mapping[str, SoftPromptConfig]
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +38,24 @@ class SoftPromptCallback(TrainerCallback):
     `checkpoint-N`, writes the adapter (`adapter_config.json` and `adapter_model.safetensors`)
     instead of the base weights.
 
+    Several prompts train together from a mapping `{name: config}`: each row of a batch uses the
+    prompt its `soft_prompt_ids` column names (its position in `soft_prompt_names(model)`, i.e. the
+    mapping's order; -1 for none), and only that prompt (and its task head) gets the row's gradient.
+
+    The loss is the mean over the caller's target tokens, as without a prompt, so the Trainer's
+    own count of target tokens (gradient accumulation, DDP) is right as it is.
+
     What only [`SoftPromptTrainer`] does, because a callback cannot reach those parts of the
-    Trainer: resuming from an adapter-only checkpoint (`train(resume_from_checkpoint=...)`) and
-    `load_best_model_at_end=True` (the stock Trainer loads checkpoints as base weights before any
-    callback event; both are refused here at construction when set in the training arguments),
-    the trainable-parameter count in the log history (the callback prints it once at the start,
-    and logs it at INFO), and the loss normalisation of Llama-style
-    causal LMs, whose target tokens the Trainer counts before the prompt exists (the loss comes
-    out a few percent too large; the gradient direction is unchanged).
+    Trainer: resuming from an adapter-only checkpoint and `load_best_model_at_end=True` (the stock
+    Trainer loads checkpoints as base weights before any callback event: both are refused here at
+    construction when set in the training arguments, and `trainer.train(resume_from_checkpoint=...)`
+    fails inside the Trainer, "Can't find a checkpoint index"), and the trainable-parameter count
+    in the log history (the callback prints it once at the start, and logs it at INFO).
 
     Args:
-        config (`SoftPromptConfig`, *optional*): the prompt to add. Defaults to
-            `SoftPromptConfig()` (20 randomly initialised virtual tokens). Leave it out to train a
-            prompt the model already carries.
+        config (`SoftPromptConfig` or `dict[str, SoftPromptConfig]`, *optional*): the prompt to add
+            (named `"default"`), or several by name. Defaults to `SoftPromptConfig()` (20 randomly
+            initialised virtual tokens). Leave it out to train the prompts the model already carries.
 
     Example:
         ```python
@@ -57,13 +66,8 @@ class SoftPromptCallback(TrainerCallback):
         ```
     """
 
-    def __init__(self, config: SoftPromptConfig | None = None) -> None:
-        if config is not None and not isinstance(config, SoftPromptConfig):
-            raise TypeError(
-                f"SoftPromptCallback takes a SoftPromptConfig or None, got {type(config).__name__}. "
-                "Build one with SoftPromptConfig(num_virtual_tokens=...)."
-            )
-        self.config = config
+    def __init__(self, config: PromptConfigs | None = None) -> None:
+        self.config = check_prompt_configs(config)
         # Set by SoftPromptTrainer, whose overrides load adapter checkpoints and which logs the
         # trainable-parameter count through Trainer.log.
         self._in_soft_prompt_trainer = False
@@ -81,8 +85,9 @@ class SoftPromptCallback(TrainerCallback):
                 raise ValueError(
                     f"{wanted[0]}={getattr(args, wanted[0])!r} needs SoftPromptTrainer: the stock Trainer "
                     "loads a checkpoint as base-model weights, and soft-prompt checkpoints hold only "
-                    "the adapter. Use SoftPromptTrainer(..., soft_prompt_config=...), or load the "
-                    "adapter yourself with load_soft_prompt_weights(model, checkpoint_dir)."
+                    "the adapter. Use SoftPromptTrainer(..., soft_prompt_config=...), which takes the same "
+                    "arguments as Trainer; to only continue from a saved prompt, load it with "
+                    "load_soft_prompt(model, checkpoint_dir, is_trainable=True) before building the Trainer."
                 )
         prepare_model(model, self.config)
 
@@ -106,8 +111,23 @@ class SoftPromptCallback(TrainerCallback):
                 print(summary)
 
 
-def prepare_model(model: nn.Module | None, config: SoftPromptConfig | None) -> nn.Module:
-    """Put a prompt on `model` (unless it carries one) and make `save_pretrained` write the adapter.
+def check_prompt_configs(config: PromptConfigs | None) -> dict[str, SoftPromptConfig] | None:
+    """`{name: config}` from a config, a mapping of them, or None (the model's own prompts)."""
+    if config is None:
+        return None
+    if isinstance(config, SoftPromptConfig):
+        return {DEFAULT_NAME: config}
+    if isinstance(config, Mapping) and config and all(
+            isinstance(k, str) and isinstance(v, SoftPromptConfig) for k, v in config.items()):
+        return dict(config)
+    raise TypeError(
+        f"Expected a SoftPromptConfig, a non-empty dict of them by prompt name, or None; got {config!r}. "
+        "Build one with SoftPromptConfig(num_virtual_tokens=...)."
+    )
+
+
+def prepare_model(model: nn.Module | None, config: PromptConfigs | None) -> nn.Module:
+    """Put prompts on `model` (unless it carries some) and make `save_pretrained` write the adapters.
 
     The single setup step of both `SoftPromptCallback` and `SoftPromptTrainer`.
     """
@@ -117,14 +137,22 @@ def prepare_model(model: nn.Module | None, config: SoftPromptConfig | None) -> n
             "(with model_init, call add_soft_prompt inside model_init)."
         )
     injector = get_injector(model)
+    configs = check_prompt_configs(config)
     if injector is None:
-        add_soft_prompt(model, config)
-    elif config is not None:
+        added = []
+        try:
+            for name, each in (configs or {DEFAULT_NAME: SoftPromptConfig()}).items():
+                add_soft_prompt(model, each, name=name)
+                added.append(name)
+        except BaseException:
+            for name in reversed(added):
+                remove_soft_prompt(model, name)
+            raise
+    elif configs is not None:
         raise ValueError(
-            f"The {type(model).__name__} already carries a soft prompt "
-            f"({injector.config.num_virtual_tokens} virtual tokens), and a SoftPromptConfig was given "
-            "too. Pass no config to train the existing prompt, or call remove_soft_prompt(model) "
-            "first to train a new one."
+            f"The {type(model).__name__} already carries soft prompts {injector.bank.names()}, and "
+            "SoftPromptConfigs were given too. Pass no config to train the existing prompts, or call "
+            "remove_soft_prompt(model) first to train new ones."
         )
     elif not any(p.requires_grad for p in model.parameters()):
         logger.warning(
@@ -170,20 +198,25 @@ class AdapterSavePretrained:
 
 
 def trainable_counts(model: nn.Module) -> dict[str, float]:
-    """Virtual tokens, trainable parameters and their share of all parameters, for the logs."""
+    """Virtual tokens (all prompts), trainable parameters and their share of all parameters, for the logs."""
+    bank = get_injector(model).bank
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {
-        "soft_prompt_virtual_tokens": get_injector(model).config.num_virtual_tokens,
+    counts = {
+        "soft_prompt_virtual_tokens": sum(bank.lengths().values()),
         "trainable_params": trainable,
         "trainable_percent": 100.0 * trainable / max(total, 1),
     }
+    if len(bank) > 1:
+        counts["soft_prompts"] = len(bank)
+    return counts
 
 
 def describe_trainable(model: nn.Module) -> str:
-    """E.g. "soft prompt: 20 virtual tokens, 15,360 trainable parameters (0.0123 %)"."""
+    """E.g. "soft prompt: 20 virtual tokens, 15,360 trainable parameters (0.0123 %)", or for several
+    "3 soft prompts (a: 8, b: 16, c: 4 virtual tokens), ..."."""
     counts = trainable_counts(model)
-    return (
-        f"soft prompt: {counts['soft_prompt_virtual_tokens']} virtual tokens, "
-        f"{counts['trainable_params']:,} trainable parameters ({counts['trainable_percent']:.3g} %)"
-    )
+    lengths = get_injector(model).bank.lengths()
+    prompts = (f"soft prompt: {counts['soft_prompt_virtual_tokens']} virtual tokens" if len(lengths) == 1 else
+               f"{len(lengths)} soft prompts ({', '.join(f'{n}: {p}' for n, p in lengths.items())} virtual tokens)")
+    return f"{prompts}, {counts['trainable_params']:,} trainable parameters ({counts['trainable_percent']:.3g} %)"

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inject import PROMPT_MODULE_NAME, get_injector
+from .inject import get_injector
 
 
 @torch.no_grad()
-def describe_soft_prompt(model: nn.Module, tokenizer: Any, k: int = 5) -> list[list[tuple[str, float]]]:
+def describe_soft_prompt(model: nn.Module, tokenizer: Any, k: int = 5,
+                         name: str | None = None) -> list[list[tuple[str, float]]]:
     """The `k` vocabulary tokens nearest to each virtual token of a soft-prompted model.
 
     Similarity is the cosine between a virtual token (the prompt the model actually sees, i.e.
@@ -28,6 +29,7 @@ def describe_soft_prompt(model: nn.Module, tokenizer: Any, k: int = 5) -> list[l
         tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer; tokens are returned as
             `tokenizer.convert_ids_to_tokens` spells them (e.g. `"Ġgreat"` for byte-level BPE).
         k (`int`, defaults to 5): neighbours per virtual token.
+        name (`str`, *optional*): which prompt; defaults to the active one.
 
     Returns:
         One list per virtual token, in prompt order, of `(token, cosine_similarity)` pairs sorted
@@ -49,7 +51,9 @@ def describe_soft_prompt(model: nn.Module, tokenizer: Any, k: int = 5) -> list[l
     weight = model.get_input_embeddings().weight.detach()
     num_candidates = min(weight.shape[0], len(tokenizer))
     vocab = nn.functional.normalize(weight[:num_candidates].float(), dim=-1)  # (V, D)
-    prompt = getattr(model, PROMPT_MODULE_NAME)().detach().to(vocab.device).float()  # (P, D)
+    bank = get_injector(model).bank
+    name = name if name is not None else bank.active or bank.names()[0]
+    prompt = bank[name]().detach().to(vocab.device).float()  # (P, D)
     similarity = nn.functional.normalize(prompt, dim=-1) @ vocab.T  # (P, V)
     values, ids = similarity.topk(min(k, num_candidates), dim=-1)
     return [

@@ -53,6 +53,7 @@ def push_files(
     create_pr: bool = False,
     create_repo: bool = True,
     run_as_future: bool = False,
+    note: str = "Nothing local was changed: run the push again once fixed.",
 ) -> CommitInfo | Future:
     """Upload exactly `files` (`{path in repo: local file or bytes}`) to `repo_id` in one commit.
 
@@ -78,7 +79,7 @@ def push_files(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    args = (staging, repo_id, token, revision, commit_message, private, create_pr, create_repo)
+    args = (staging, repo_id, token, revision, commit_message, private, create_pr, create_repo, note)
     if not run_as_future:
         return _upload_staged(*args)
     global _push_executor
@@ -100,6 +101,7 @@ def download_files(
     local_files_only: bool = False,
     subfolder: str | None = None,
     note: str = "",
+    optional: bool = False,
 ) -> list[str]:
     """Download one file per group from `repo_id` into the Hub cache; returns the local paths.
 
@@ -107,7 +109,8 @@ def download_files(
     one the repo holds is taken. Online, one `model_info` call (never retried, so an unreachable Hub
     fails at once) checks the repo, the revision and the file list; when it cannot reach the Hub,
     and with `HF_HUB_OFFLINE=1` or `local_files_only=True`, files come from the local cache.
-    `note` is added to error messages.
+    `note` is added to error messages. With `optional=True` a group the repo (or, offline, the
+    cache) does not hold is left out of the result instead of raising.
     """
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     use_cache_only = local_files_only or constants.HF_HUB_OFFLINE
@@ -127,6 +130,8 @@ def download_files(
     paths = []
     for group in groups:
         names = list(group) if available is None else [n for n in group if prefix + n in available]
+        if not names and optional:
+            continue
         if not names:
             raise HubError(f"{where} holds none of {[prefix + n for n in group]}. Check the repo id "
                            "and that it holds a soft-prompt (PEFT prompt-learning) adapter.", 404)
@@ -140,6 +145,8 @@ def download_files(
             except LocalEntryNotFoundError as err:
                 if i + 1 < len(names):
                     continue  # the next alternative may be cached
+                if optional:
+                    break
                 if unreachable is not None:
                     raise hub_error(unreachable, f"download {name!r} from {where}",
                                     note=f"It is not in the local cache either. {note}") from unreachable
@@ -183,7 +190,7 @@ def hub_error(err: BaseException, action: str, note: str = "") -> HubError:
 
 def _upload_staged(staging: str, repo_id: str, token: str | None, revision: str | None,
                    commit_message: str | None, private: bool | None, create_pr: bool,
-                   create_repo: bool) -> CommitInfo:
+                   create_repo: bool, note: str) -> CommitInfo:
     try:
         api = HfApi(token=token)
         if create_repo:
@@ -193,8 +200,7 @@ def _upload_staged(staging: str, repo_id: str, token: str | None, revision: str 
             revision=revision, create_pr=create_pr)
     except HUB_ERRORS as err:
         where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
-        raise hub_error(err, f"push to {where}",
-                        note="Nothing local was changed: run the push again once fixed.") from err
+        raise hub_error(err, f"push to {where}", note=note) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -1,40 +1,52 @@
 """The one injection mechanism, installed by `add_soft_prompt` (attach.py) and used by every call.
 
-Forward hooks on the user's own model (no wrapper class) rewrite each call: the prompt is
-inserted into the input embeddings, the attention mask, token types, positions and per-position
-labels are extended to match, and per-position outputs are cut back so they line up with the
-caller's `input_ids`. The same hooks serve training, evaluation, the Trainer and `generate()`.
+The model's own `forward` is wrapped on the instance (methods.py; no wrapper class: `isinstance`, the class's
+`forward` signature, `config` and `generate()` are the user's): each call chooses a prompt per row
+(`soft_prompt_names=[...]` / `soft_prompt_ids=...`, else the active prompt), its prompts are
+inserted into the input embeddings (routing.py lays out rows whose prompts differ in length), the
+attention mask, token types, positions and per-position labels are extended to match, and
+per-position outputs are cut back so they line up with the caller's `input_ids`. Everything one
+call needs lives in that call's local variables, so threads calling one model never mix.
 
 Decoder-only models: the first call of a sequence carries the prompt; later calls that continue
-a cache (`generate` decode steps) find the prompt already in the key/value cache and only shift
+a cache (`generate` decode steps) find the prompt already in the key/value cache and only extend
 their mask and positions. Where `prompt_cache` allows, the first call does not repeat the prompt
-in every row: its keys/values, computed once, come in as the call's cache (the shared prompt
-cache), and the sequence carries at most the last virtual token. The cache argument is
-`past_key_values` before transformers 5.24 and `cache` from then on: `self.cache_key`.
+in every row: each distinct prompt's keys/values, computed once, come in as the call's cache (the
+shared prompt cache). The cache argument is `past_key_values` before transformers 5.24 and
+`cache` from then on: `self.cache_key`.
 
-Encoder-decoder models: the prompt goes on the encoder input (a hook on the encoder, since
-`generate` calls it directly); the top-level call widens the attention mask the decoder uses for
-cross-attention.
+Encoder-decoder models: the prompt goes on the encoder input (the encoder's `forward` is wrapped
+too, since `generate` calls it directly); the top-level call widens the attention mask the decoder
+uses for cross-attention.
+
+Labels: the prompt changes the context, never the set of predicted tokens. A causal LM predicts
+`labels[:, 1:]` as without a prompt (the last virtual position predicts nothing), so the
+Trainer's count of target tokens, and losses before and after adding a prompt, compare as they are.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .bank import BANK_MODULE_NAME, SoftPromptBank
 from .config import Placement, SoftPromptConfig, TaskType
-from .prompt import SoftPrompt
-from .prompt_cache import SharedPromptCache
+from .methods import (
+    CHOICE_ARGUMENTS,
+    EncoderForward,
+    MethodWrapper,
+    PromptedForward,
+    PromptedGenerate,
+    Seq2SeqForward,
+)
+from .prompt_cache import SHARED, SharedPromptCache
+from .routing import Layout, RowPrompts, VirtualBlock, choose_rows, current_rows, gather_rows
 from .tasks import TASK_SPECS, TaskSpec, cache_argument, is_decoder_only
 
-logger = logging.getLogger(__name__)
-
-PROMPT_MODULE_NAME = "soft_prompt"
 _INJECTOR_ATTR = "_soft_prompt_injector"
 
 
@@ -42,98 +54,90 @@ _INJECTOR_ATTR = "_soft_prompt_injector"
 class _CallState:
     """What one top-level call did to its inputs, so its outputs can be put back in line."""
 
-    insert_at: int  # index of the first virtual token in the model's sequence
+    block: VirtualBlock
     num_real: int  # L: the caller's sequence length
-    num_virtual: int  # virtual tokens in the sequence: P, or 0/1 with the shared prompt cache
+    in_sequence: int  # virtual positions in the model's sequence: the block width, or 0 (shared cache)
     roll: torch.Tensor | None = None  # (B,) per-row right shift applied for last-token pooling
     as_tuple: bool = False
     drop_cache: bool = False  # the shared prompt cache was passed to a call made with use_cache=False
 
 
 class SoftPromptInjector:
-    """Owns the hooks that put a `SoftPrompt` into every forward of one model."""
+    """Rewrites every call of one model to carry the prompts of its `SoftPromptBank`.
 
-    def __init__(self, model: nn.Module, config: SoftPromptConfig, prompt: SoftPrompt) -> None:
+    Model-level settings (task head, placement, shared prompt cache) come from the first prompt's
+    config; every other prompt on the model must agree on them (attach.py checks).
+    """
+
+    def __init__(self, model: nn.Module, bank: SoftPromptBank, config: SoftPromptConfig) -> None:
         self.model = model
-        self.config = config
-        self.prompt = prompt
+        self.bank = bank
+        self.task_type: TaskType = config.task_type
+        self.placement: Placement = config.placement
+        self.shared_setting: bool | None = config.shared_prompt_cache
         self.spec: TaskSpec = TASK_SPECS[config.task_type]
-        self.num_virtual = config.num_virtual_tokens
         self.insert_at = 1 if config.placement is Placement.AFTER_FIRST_TOKEN else 0
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.decoder_only = is_decoder_only(model)
+        self.layout = Layout.FRONT if self.decoder_only else Layout.END
         # Decoder-only sequence classifiers pool the last position of `inputs_embeds`; we move
         # each row's last real token there so the pooled token is a real one, as without a prompt.
         self.pools_last_token = self.decoder_only and config.task_type is TaskType.SEQ_CLS
-        self.max_positions = _max_positions(model.config)
+        self.max_positions = max_positions(model.config)
+        self.frozen_flags: dict[str, bool] = {}  # requires_grad of base parameters before the first prompt
+        self.target = model.get_encoder() if self.encoder_decoder else model
+        self._target_accepts = set(inspect.signature(self.target.forward).parameters)
+        self.cache_key = cache_argument(self.target)  # `cache` or (before transformers 5.24) `past_key_values`
         self.shared = SharedPromptCache(model, self.spec, setting=config.shared_prompt_cache,
                                         front=self.insert_at == 0)
-        self._state: _CallState | None = None
-        self._handles: list[Any] = []
+        self._patched: list[tuple[nn.Module, str, Any]] = []  # (module, attribute, what it replaced)
+        self.installed = True  # False once removed: wrappers left in place then pass calls through
+        try:
+            if self.encoder_decoder:
+                self._patch(model, "forward", Seq2SeqForward)
+                self._patch(self.target, "forward", EncoderForward)
+            else:
+                self._patch(model, "forward", PromptedForward)
+            if hasattr(type(model), "generate"):
+                self._patch(model, "generate", PromptedGenerate)
+        except BaseException:
+            self.remove()
+            raise
 
-        target = model.get_encoder() if self.encoder_decoder else model
-        self._target_params = _positional_names(target)
-        self._target_accepts = set(inspect.signature(target.forward).parameters)
-        self.cache_key = cache_argument(target)  # `cache` or (before transformers 5.24) `past_key_values`
-        self._top_params = _positional_names(model)
-        if self.encoder_decoder:
-            self._handles.append(target.register_forward_pre_hook(self._encoder_pre_hook, with_kwargs=True))
-            self._handles.append(model.register_forward_pre_hook(self._seq2seq_pre_hook, with_kwargs=True))
-        else:
-            self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-            self._handles.append(model.register_forward_hook(self._post_hook, with_kwargs=True))
-
-    # ------------------------------------------------------------------ hooks
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs = _as_kwargs(args, kwargs, self._top_params)
-        kwargs, self._state = self.prepare_inputs(kwargs)
-        return (), kwargs
-
-    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        state, self._state = self._state, None
-        if state is None:
-            return output
-        output = self.align_outputs(output, state)
-        return output.to_tuple() if state.as_tuple else output
-
-    def _encoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs = _as_kwargs(args, kwargs, self._target_params)
-        kwargs, _ = self.prepare_inputs(kwargs)
-        return (), kwargs
-
-    def _seq2seq_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        # The decoder cross-attends to P + L encoder positions: widen the mask it gets. The
-        # encoder hook sees the widened mask and does not widen it again.
-        kwargs = _as_kwargs(args, kwargs, self._top_params)
-        mask = kwargs.get("attention_mask")
-        if mask is None or mask.dim() != 2:
-            return (), kwargs
-        encoder_outputs = kwargs.get("encoder_outputs")
-        if encoder_outputs is not None:
-            encoded_len = encoder_outputs[0].shape[1]
-        else:
-            source = kwargs.get("input_ids")
-            if source is None:
-                source = kwargs.get("inputs_embeds")
-            if source is None:
-                return (), kwargs
-            encoded_len = source.shape[1] + self.num_virtual
-        if mask.shape[1] + self.num_virtual == encoded_len:
-            kwargs["attention_mask"] = self._insert(mask, mask.new_ones(()))
-        return (), kwargs
+    # --------------------------------------------------------------- the choice
+    def rows_for_call(self, batch: int, device: torch.device, kwargs: dict) -> RowPrompts:
+        """This call's prompt per row: its own `soft_prompt_names`/`soft_prompt_ids`, else the
+        choice of the `generate()` in progress, else the active prompt for every row."""
+        names, ids = (kwargs.pop(key, None) for key in CHOICE_ARGUMENTS)
+        if names is None and ids is None and (outer := current_rows()) is not None:
+            return outer.for_batch(batch).to(device)
+        rows = choose_rows(self.bank.names(), self.bank.lengths(), self.bank.active, batch,
+                           names, ids, device=device)
+        if (self.layout is Layout.FRONT and not rows.uniform and rows.width
+                and "position_ids" not in self._target_accepts):
+            raise ValueError(
+                f"{type(self.target).__name__}.forward takes no position_ids, so rows whose prompts differ "
+                f"in length ({dict(zip(rows.slots, rows.lengths, strict=True))}, or rows without a prompt) "
+                "cannot share a batch. Call the model once per prompt."
+            )
+        return rows
 
     # ------------------------------------------------------------------ inputs
-    def prepare_inputs(self, kwargs: dict) -> tuple[dict, _CallState | None]:
-        """Rewrite one call's keyword arguments to carry the prompt. Returns them and the state
-        `align_outputs` needs; the state is None when the prompt is already in the cache."""
+    def prepare_inputs(self, kwargs: dict, rows: RowPrompts) -> tuple[dict, _CallState | None]:
+        """Rewrite one call's keyword arguments to carry each row's prompt. Returns them and the state
+        `align_outputs` needs; the state is None when nothing is to be cut from the outputs."""
         input_ids = kwargs.pop("input_ids", None)
         embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            if input_ids is None:
-                raise ValueError("A soft-prompted model needs input_ids or inputs_embeds, got neither.")
-            embeds = self.model.get_input_embeddings()(input_ids)
-        batch, length = embeds.shape[:2]
-        num_virtual = self.num_virtual
+        if input_ids is not None and embeds is not None:
+            raise ValueError("Pass input_ids or inputs_embeds, not both (the model would use one and ignore "
+                             "the other).")
+        if embeds is None and input_ids is None:
+            raise ValueError("A soft-prompted model needs input_ids or inputs_embeds, got neither.")
+        batch, length = (embeds if embeds is not None else input_ids).shape[:2]
+        device = (embeds if embeds is not None else input_ids).device
+        rows = rows.for_batch(batch).to(device)
+        block = VirtualBlock(rows, self.layout, self.insert_at)
+        width = block.width
         if "past_key_values" in kwargs and self.cache_key not in kwargs:
             # The old name, which transformers >= 5.24 still accepts: read one name only.
             kwargs[self.cache_key] = kwargs.pop("past_key_values")
@@ -146,141 +150,142 @@ class SoftPromptInjector:
                 f"{tuple(mask.shape)}. Pass the tokenizer's attention_mask instead of a 4-D mask."
             )
         # After the first call `past` already counts the prompt.
-        total = past + length + (0 if past else num_virtual)
+        total = past + length + (0 if past else width)
         if self.max_positions is not None and total > self.max_positions:
             raise ValueError(
-                f"The prompt ({num_virtual} virtual tokens) plus the input ({total - num_virtual} tokens)"
+                f"The prompt ({width} virtual tokens) plus the input ({total - width} tokens)"
                 f" exceed the model's {self.max_positions} positions. Truncate inputs to at most "
-                f"{self.max_positions - num_virtual} tokens (e.g. tokenizer(..., truncation=True, "
-                f"max_length={self.max_positions - num_virtual}))."
+                f"{self.max_positions - width} tokens (e.g. tokenizer(..., truncation=True, "
+                f"max_length={self.max_positions - width}))."
             )
+        for key in self.spec.per_position_labels:
+            labels = kwargs.get(key)
+            if labels is not None and (labels.dim() < 2 or labels.shape[:2] != (batch, length)):
+                raise ValueError(
+                    f"{key} has shape {tuple(labels.shape)} for an input of shape {(batch, length)}; give one "
+                    "label per input token (-100 where none), e.g. the tokenizer's padding for labels too."
+                )
+        if width == 0:  # no row has a prompt: the bare model's call, untouched
+            if input_ids is not None:
+                kwargs["input_ids"] = input_ids
+            return kwargs, None
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(input_ids)
+        mask_block = block.block([torch.ones(n, dtype=torch.long, device=device) for n in rows.lengths],
+                                 torch.zeros((), dtype=torch.long, device=device))  # (B, width)
 
         if past > 0:
-            # The prompt went into the cache with the first call: only shift mask and positions.
+            # The prompt went into the cache with the first call: only extend mask and positions.
             kwargs["inputs_embeds"] = embeds
-            if mask is not None and mask.shape[1] + num_virtual == past + length:
-                mask = self._insert(mask, mask.new_ones(()))
+            if mask is not None and mask.shape[1] + width == past + length:
+                mask = block.assemble(mask, mask_block)
                 kwargs["attention_mask"] = mask
-            self._set_positions(kwargs, mask, batch, length, past, continuing=True)
+            self._set_positions(kwargs, block, mask_block, mask, length, past, continuing=True)
             return kwargs, None
 
-        prompt = self.prompt().to(dtype=embeds.dtype, device=embeds.device)  # (P, D)
-        carried = self._virtual_in_sequence(kwargs, embeds.device)
-        if carried < num_virtual:
-            # The other virtual tokens come in as keys/values computed once for the whole batch.
-            kwargs[self.cache_key] = self.shared.build(prompt[: num_virtual - carried], batch, cache)
-        embeds = self._insert(embeds, prompt[num_virtual - carried:])  # (B, carried+L, D)
+        prompts = [self.bank[name]().to(dtype=embeds.dtype, device=device) for name in rows.slots]  # (P_k, D)
+        shared = self.shared.reason_against(kwargs, device) is SHARED
+        if shared:
+            # Each distinct prompt runs once; its keys/values come in as this call's cache.
+            kwargs[self.cache_key] = self.shared.build(prompts, rows, cache)
+        else:
+            filler = torch.zeros(embeds.shape[-1], dtype=embeds.dtype, device=device)
+            embeds = block.assemble(embeds, block.block(prompts, filler))  # (B, width+L, D)
+        in_sequence = 0 if shared else width
         if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+            mask = torch.ones(batch, length, dtype=torch.long, device=device)
         if mask.shape[1] == length:
-            mask = self._insert(mask, mask.new_ones(()))  # (B, P+L), the cached prompt included
-        elif mask.shape[1] != length + num_virtual:  # P+L: widened already by the seq2seq hook
+            mask = block.assemble(mask, mask_block.to(mask.dtype))  # (B, width+L), a cached prompt included
+        elif mask.shape[1] != length + width:  # width+L: widened already by the seq2seq call
             raise ValueError(
                 f"attention_mask has {mask.shape[1]} positions for an input of {length} tokens; "
-                "pass the tokenizer's mask for the same input_ids."
+                "pass the tokenizer's attention_mask for the same input_ids."
             )
         kwargs["inputs_embeds"] = embeds
         kwargs["attention_mask"] = mask
-        if kwargs.get("token_type_ids") is not None:
+        if in_sequence and kwargs.get("token_type_ids") is not None:
             # Virtual tokens belong to the first segment.
-            token_type_ids = kwargs["token_type_ids"]
-            kwargs["token_type_ids"] = self._insert(token_type_ids, token_type_ids.new_zeros(()))
-        labelled = self._keep_logits(kwargs, carried, length)
-        for key in self.spec.per_position_labels:
-            if kwargs.get(key) is not None:
-                # -100 so virtual positions never count in the loss
-                kwargs[key] = self._insert(kwargs[key], kwargs[key].new_full((), -100), labelled)
-        for key in self.spec.position_labels:
-            if kwargs.get(key) is not None:
-                positions = kwargs[key]
-                kwargs[key] = torch.where(positions >= self.insert_at, positions + carried, positions)
-        self._set_positions(kwargs, mask, batch, length, past, continuing=False, carried=carried)
+            token_type_ids = kwargs["token_type_ids"].expand(batch, -1)
+            kwargs["token_type_ids"] = block.assemble(token_type_ids, token_type_ids.new_zeros(batch, width))
+        self._rewrite_labels(kwargs, block, in_sequence, length)
+        self._set_positions(kwargs, block, mask_block, mask, length, past, continuing=False, shared=shared)
 
-        state = _CallState(insert_at=self.insert_at, num_real=length, num_virtual=carried)
-        if carried < num_virtual and cache is None:
+        state = _CallState(block=block, num_real=length, in_sequence=in_sequence)
+        if shared and cache is None:
             use_cache = kwargs.get("use_cache")
             state.drop_cache = not (self.model.config.use_cache if use_cache is None else use_cache)
         if kwargs.get("return_dict") is False:
             kwargs["return_dict"], state.as_tuple = True, True
         if self.pools_last_token:
-            state.roll = self._roll_last_real_token_to_end(kwargs, input_ids)
+            state.roll = self._roll_last_real_token_to_end(kwargs, input_ids, block, mask_block)
         return kwargs, state
 
-    def _virtual_in_sequence(self, kwargs: dict, device: torch.device) -> int:
-        """How many virtual tokens the first call runs in its sequence: all P, or with the shared
-        prompt cache none, or the last one when shifted labels need its prediction of labels[:, 0]."""
-        if self.shared.reason_against(kwargs, device) is not None:
-            return self.num_virtual
-        has_labels = any(kwargs.get(key) is not None for key in self.spec.per_position_labels)
-        return min(int(self.spec.shifts_labels and has_labels), self.num_virtual)
-
-    def _keep_logits(self, kwargs: dict, carried: int, length: int) -> int:
-        """Causal LMs: ask for logits at the real positions only, plus the last virtual one when
-        labels need its prediction of labels[:, 0], so no LM head or loss runs over the other
-        virtual positions. Returns how many virtual positions the per-position labels cover."""
+    def _rewrite_labels(self, kwargs: dict, block: VirtualBlock, in_sequence: int, length: int) -> None:
+        """Per-position labels: -100 at every virtual position in the sequence, and a causal LM's
+        targets stay `labels[:, 1:]`; QA spans move to where their tokens are."""
         keep = kwargs.get("logits_to_keep")
-        if (not self.spec.shifts_labels or "logits_to_keep" not in self._target_accepts
-                or not (keep is None or (isinstance(keep, int) and keep == 0))):  # the caller's choice
-            return carried
-        has_labels = any(kwargs.get(key) is not None for key in self.spec.per_position_labels)
-        kept = min(carried, int(has_labels))
-        kwargs["logits_to_keep"] = length + kept
-        return kept
+        keeps_real_only = (  # a causal LM asked for logits at the L real positions only
+            self.spec.shifts_labels and in_sequence and "logits_to_keep" in self._target_accepts
+            and (keep is None or (isinstance(keep, int) and keep == 0)))
+        if keeps_real_only:
+            kwargs["logits_to_keep"] = length  # no LM head over virtual positions; labels stay (B, L)
+        for key in self.spec.per_position_labels:
+            labels = kwargs.get(key)
+            if labels is None or not in_sequence or keeps_real_only:
+                continue
+            if self.spec.shifts_labels:  # the last virtual position would predict labels[:, 0]
+                labels = torch.cat([labels.new_full((labels.shape[0], 1), -100), labels[:, 1:]], 1)
+            kwargs[key] = block.assemble(labels, labels.new_full((labels.shape[0], block.width), -100))
+        for key in self.spec.position_labels:
+            if kwargs.get(key) is not None and in_sequence:
+                kwargs[key] = block.shift_positions(kwargs[key])
 
-    def _insert(self, x: torch.Tensor, fill: torch.Tensor, count: int | None = None) -> torch.Tensor:
-        """Insert `count` (default P) copies of a scalar `fill`, or the rows of a (n, D) `fill`, at
-        the prompt's place, dim 1."""
-        batch = x.shape[0]
-        if fill.dim() == 0:
-            block = fill.to(x.dtype).expand(batch, self.num_virtual if count is None else count, *x.shape[2:])
-        else:
-            block = fill.unsqueeze(0).expand(batch, *fill.shape)
-        if block.shape[1] == 0:
-            return x
-        i = self.insert_at
-        return torch.cat([x[:, :i], block, x[:, i:]], dim=1)
-
-    def _set_positions(self, kwargs: dict, mask: torch.Tensor | None, batch: int, length: int,
-                       past: int, continuing: bool, carried: int | None = None) -> None:
-        num_virtual = self.num_virtual
-        cached = 0 if carried is None else num_virtual - carried  # positions already in the cache
+    def _set_positions(self, kwargs: dict, block: VirtualBlock, mask_block: torch.Tensor,
+                       mask: torch.Tensor | None, length: int, past: int, continuing: bool,
+                       shared: bool = False) -> None:
+        width = block.width
+        row_lengths = block.rows.row_lengths().unsqueeze(1)  # (B, 1)
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:
+            position_ids = position_ids.expand(mask_block.shape[0], -1)
             if continuing:
-                kwargs["position_ids"] = position_ids + num_virtual
+                kwargs["position_ids"] = position_ids + row_lengths.to(position_ids.device)
             else:
-                # The prompt takes the positions it sits at; real tokens after it move by P.
-                position_ids = position_ids.expand(batch, -1)
+                # The prompt takes the positions after the tokens before it; real tokens after it move
+                # by the row's own prompt length.
                 i = self.insert_at
-                start = position_ids[:, :i] + 1 if i else position_ids.new_zeros(batch, 1)
-                block = start[:, -1:] + torch.arange(num_virtual, device=position_ids.device)
-                positions = torch.cat([position_ids[:, :i], block, position_ids[:, i:] + num_virtual], 1)
-                kwargs["position_ids"] = positions[:, cached:]
+                start = position_ids[:, i - 1:i] + 1 if i else position_ids.new_zeros(position_ids.shape[0], 1)
+                slot = torch.arange(width, device=position_ids.device).unsqueeze(0)
+                offset = slot - (width - row_lengths) if block.layout is Layout.FRONT else slot
+                virtual = start + offset.clamp(min=0).clamp(max=(row_lengths - 1).clamp(min=0))
+                real = torch.cat([position_ids[:, :i], position_ids[:, i:] + row_lengths], 1)
+                kwargs["position_ids"] = real if shared else block.assemble(real, virtual)
         elif self.decoder_only and "position_ids" in self._target_accepts and mask is not None:
-            # What `generate` does: positions count real tokens, so padding side does not matter.
+            # What `generate` does: positions count attended tokens, so padding side and filler slots
+            # do not matter.
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            kwargs["position_ids"] = positions[:, -length:] if continuing else positions[:, cached:]
+            kwargs["position_ids"] = positions[:, -length:] if continuing or shared else positions
         cache_position = kwargs.get("cache_position")
         if cache_position is not None:
             kwargs["cache_position"] = (
-                cache_position + num_virtual if continuing
-                else torch.arange(past + cached, past + length + num_virtual, device=cache_position.device)
+                cache_position + width if continuing
+                else torch.arange(past + (width if shared else 0), past + length + width,
+                                  device=cache_position.device)
             )
 
-    def _roll_last_real_token_to_end(
-        self, kwargs: dict, input_ids: torch.Tensor | None
-    ) -> torch.Tensor | None:
+    def _roll_last_real_token_to_end(self, kwargs: dict, input_ids: torch.Tensor | None,
+                                     block: VirtualBlock, mask_block: torch.Tensor) -> torch.Tensor | None:
         """Rotate each row right so its last real token is the last position; returns the shifts.
 
         "Last real token" is what the base model pools: the rightmost token that is not
         `pad_token_id` (from `input_ids`), or else the rightmost attended position.
         """
         mask = kwargs["attention_mask"]
-        batch, total = mask.shape  # P+L
-        width = kwargs["inputs_embeds"].shape[1]  # P+L, or fewer after the shared prompt cache
+        batch, total = mask.shape  # width+L
+        width = kwargs["inputs_embeds"].shape[1]  # width+L, or L with the shared prompt cache
         pad_id = getattr(self.model.config, "pad_token_id", None)
         if input_ids is not None and pad_id is not None:
-            real = self._insert((input_ids != pad_id).long(), mask.new_ones(()))[:, total - width:]
+            real = block.assemble((input_ids != pad_id).long(), mask_block)[:, total - width:]
         else:
             real = mask[:, total - width:].long()
         index = torch.arange(width, device=mask.device)
@@ -290,12 +295,12 @@ class SoftPromptInjector:
             return None
         source = (index.unsqueeze(0) - shift.unsqueeze(1)) % width  # (B, width)
         # The mask columns of a cached prompt stay in front; the rest turn with the sequence.
-        turned = _gather_rows(mask[:, total - width:], source)
+        turned = gather_rows(mask[:, total - width:], source)
         kwargs["attention_mask"] = torch.cat([mask[:, :total - width], turned], 1)
         for key in ("inputs_embeds", "position_ids", "token_type_ids"):
             value = kwargs.get(key)
             if value is not None:
-                kwargs[key] = _gather_rows(value.expand(batch, *value.shape[1:]), source)
+                kwargs[key] = gather_rows(value.expand(batch, *value.shape[1:]), source)
         return shift
 
     # ----------------------------------------------------------------- outputs
@@ -313,45 +318,59 @@ class SoftPromptInjector:
                 output[key] = tuple(self._drop_virtual(v, state) for v in value)
             else:
                 output[key] = self._drop_virtual(value, state)
-        return output
+        return output.to_tuple() if state.as_tuple else output
 
     def _drop_virtual(self, x: torch.Tensor, state: _CallState) -> torch.Tensor:
-        num_virtual, length, i = state.num_virtual, state.num_real, state.insert_at
-        if state.roll is not None and x.shape[1] == num_virtual + length:
+        length = state.num_real
+        if state.roll is not None and x.shape[1] == state.in_sequence + length:
             total = x.shape[1]
             index = torch.arange(total, device=x.device)
-            x = _gather_rows(x, (index.unsqueeze(0) + state.roll.unsqueeze(1).to(x.device)) % total)
-        n = x.shape[1]
-        if n == num_virtual + length and i > 0:
-            return torch.cat([x[:, :i], x[:, i + num_virtual:]], dim=1)
-        if n > length:  # virtual tokens in front (or `logits_to_keep` kept some): a view, as a
-            return x[:, n - length:]  # copy of (B, L, V) logits costs time and peak memory
+            x = gather_rows(x, (index.unsqueeze(0) + state.roll.unsqueeze(1).to(x.device)) % total)
+        if state.in_sequence and x.shape[1] == state.in_sequence + length:
+            return state.block.extract(x, length)
         return x
 
+    # ------------------------------------------------------------ install/remove
+    def _patch(self, module: nn.Module, attribute: str, wrapper_cls: type) -> None:
+        previous = module.__dict__.get(attribute)  # e.g. accelerate's wrapped forward
+        inner = previous if previous is not None else getattr(type(module), attribute).__get__(module)
+        setattr(module, attribute, wrapper_cls(self, inner))
+        self._patched.append((module, attribute, previous))
+
     def remove(self) -> None:
-        """Detach every hook."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Put back every `forward`/`generate` this injector replaced. A wrapper that something else
+        has wrapped since (e.g. accelerate's autocast) stays in place and passes calls through."""
+        self.installed = False
+        for module, attribute, previous in reversed(self._patched):
+            current = module.__dict__.get(attribute)
+            if isinstance(current, MethodWrapper) and current.injector is self:
+                if previous is None:
+                    delattr(module, attribute)
+                else:
+                    setattr(module, attribute, previous)
+        self._patched.clear()
 
 
 # ----------------------------------------------------------- the model's injector
-def install_injector(model: nn.Module, config: SoftPromptConfig, prompt: SoftPrompt) -> SoftPromptInjector:
-    """Register `prompt` as `model.soft_prompt` and hook the model; the one place a prompt goes on."""
-    prompt.to(model.get_input_embeddings().weight.device)
-    model.add_module(PROMPT_MODULE_NAME, prompt)
-    injector = SoftPromptInjector(model, config, prompt)
+def install_injector(model: nn.Module, bank: SoftPromptBank, config: SoftPromptConfig) -> SoftPromptInjector:
+    """Register `bank` as `model.soft_prompts` and wrap the model; the one place prompts go on."""
+    model.add_module(BANK_MODULE_NAME, bank)
+    try:
+        injector = SoftPromptInjector(model, bank, config)
+    except BaseException:
+        delattr(model, BANK_MODULE_NAME)
+        raise
     setattr(model, _INJECTOR_ATTR, injector)
     return injector
 
 
 def uninstall_injector(model: nn.Module) -> SoftPromptInjector:
-    """Detach the hooks and the prompt module of `model`; returns the removed injector."""
+    """Unwrap `model` and detach its prompt bank; returns the removed injector."""
     injector = get_injector(model)
     if injector is None:
         raise ValueError(f"{type(model).__name__} carries no soft prompt to remove.")
     injector.remove()
-    delattr(model, PROMPT_MODULE_NAME)
+    delattr(model, BANK_MODULE_NAME)
     delattr(model, _INJECTOR_ATTR)
     return injector
 
@@ -362,19 +381,6 @@ def get_injector(model: nn.Module) -> SoftPromptInjector | None:
 
 
 # -------------------------------------------------------------------- helpers
-def _positional_names(module: nn.Module) -> list[str]:
-    params = inspect.signature(module.forward).parameters.values()
-    return [p.name for p in params
-            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-
-
-def _as_kwargs(args: tuple, kwargs: dict, names: list[str]) -> dict:
-    """Positional arguments by name, so hooks see `model(input_ids)` like `model(input_ids=...)`."""
-    if len(args) > len(names):
-        raise TypeError(f"Too many positional arguments ({len(args)}) for forward({', '.join(names)}).")
-    return {**dict(zip(names, args, strict=False)), **kwargs}
-
-
 def _cache_length(cache: Any) -> int:
     if cache is None:
         return 0
@@ -383,13 +389,8 @@ def _cache_length(cache: Any) -> int:
     return int(cache[0][0].shape[-2])  # legacy tuple of (key, value) pairs
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, index[b, j], ...] for every row b: per-row reordering along dim 1."""
-    index = index.to(x.device).view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return torch.gather(x, 1, index)
-
-
-def _max_positions(model_config: Any) -> int | None:
+def max_positions(model_config: Any) -> int | None:
+    """The model's maximum number of positions, when its config says."""
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(model_config, name, None)
         if isinstance(value, int) and value > 0:

@@ -1,11 +1,12 @@
-"""`load_soft_prompt`: an adapter from a local directory or a Hub repo, checked against the model
-before the model is touched, then attached.
+"""`load_soft_prompt`: saved prompts from a local directory or a Hub repo, checked against the model
+before the model is touched, then attached under their names.
 
 Interop with PEFT (`PeftModel.save_pretrained` / `PeftModel.from_pretrained`), both ways:
 - Prompt tuning and P-tuning adapters load either way and give the same outputs for the same
   inputs, the task head of classifiers included (PEFT's `modules_to_save` keys,
   `base_model.classifier.weight`). PEFT returns causal-LM logits with the P virtual positions in
-  front; ours are cut to the caller's length.
+  front; ours are cut to the caller's length. Each folder of a multi-prompt save is one adapter
+  PEFT loads (`subfolder=` or the folder's path).
 - P-tuning: PEFT stores only the encoder's output, so a P-tuning adapter saved by PEFT loads here
   as a plain prompt table (same outputs; `is_trainable=True` then trains that table). PEFT reads
   our P-tuning adapters the same way and ignores our extra `hf_softprompt.*` tensors.
@@ -21,6 +22,7 @@ Interop with PEFT (`PeftModel.save_pretrained` / `PeftModel.from_pretrained`), b
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -30,21 +32,22 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from .attach import attach_soft_prompt, resolve_trainable_modules
-from .config import SoftPromptConfig, TaskType
-from .hub import download_files
-from .serialization import (
+from .adapter_format import (
     ADAPTER_BIN_NAME,
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
-    HEAD_PREFIX,
     PROMPT_KEY,
-    check_head_tensors,
-    load_head_tensors,
+    head_tensors_by_path,
     local_adapter_files,
     prompt_state_dict,
     read_adapter_files,
 )
+from .attach import attach_soft_prompt, remove_soft_prompt, resolve_trainable_modules
+from .bank import DEFAULT_NAME
+from .config import SoftPromptConfig
+from .hub import download_files
+from .inject import get_injector
+from .serialization import INDEX_NAME, prompt_folder, read_index
 from .tasks import infer_task_type
 
 
@@ -57,34 +60,41 @@ def load_soft_prompt(
     cache_dir: str | os.PathLike | None = None,
     force_download: bool = False,
     *,
+    name: str | None = None,
     local_files_only: bool = False,
     subfolder: str | None = None,
     check_base_model: bool = True,
 ) -> nn.Module:
-    """Put a saved soft prompt (a local directory or a Hub repo) onto `model`, in place.
+    """Put saved soft prompts (a local directory or a Hub repo) onto `model`, in place.
 
-    Reads adapters written by `save_soft_prompt`, `SoftPromptTrainer` or PEFT (prompt tuning and
-    P-tuning): `adapter_config.json` with `adapter_model.safetensors`, or an old
-    `adapter_model.bin` read with `torch.load(weights_only=True)`. Before the model is touched,
-    the token dimension, task type, base model name and task-head shapes are checked.
+    Reads what `save_soft_prompt`, `SoftPromptTrainer` or PEFT wrote (prompt tuning and P-tuning):
+    `adapter_config.json` with `adapter_model.safetensors` (or an old `adapter_model.bin`, read
+    with `torch.load(weights_only=True)`), one such pair per prompt of a multi-prompt save. Prompts
+    the model already carries stay as they are. Before the model is touched, each adapter's token
+    dimension, task type, base model name and task-head shapes are checked; if any does not fit,
+    nothing is attached.
 
     Args:
-        model (`PreTrainedModel`): the base model, without a prompt.
-        repo_id_or_path (`str` or `os.PathLike`): a local adapter directory, or a Hub repo id.
+        model (`PreTrainedModel`): the base model (it may carry other prompts).
+        repo_id_or_path (`str` or `os.PathLike`): a local directory, or a Hub repo id.
         revision (`str`, *optional*): branch, tag or commit of the Hub repo.
-        is_trainable (`bool`, defaults to `False`): keep the prompt (and the task head) trainable to
-            continue training; by default all is frozen.
+        is_trainable (`bool`, defaults to `False`): keep the prompts (and their task heads) trainable
+            to continue training; by default they are frozen.
         token, cache_dir, force_download (*optional*): as in `hf_hub_download`.
+        name (`str`, *optional*): load one prompt under this name: the saved prompt of that name in
+            a multi-prompt save, else the single adapter found there. Without it, every saved prompt
+            loads under its own name (a single adapter as `"default"`) and the saved active prompt
+            becomes active when the model carried none.
         local_files_only (`bool`, defaults to `False`): only the local Hub cache (as `HF_HUB_OFFLINE=1`).
-        subfolder (`str`, *optional*): the adapter's folder inside the repo or directory.
+        subfolder (`str`, *optional*): load the one adapter in this folder of the repo or directory.
         check_base_model (`bool`, defaults to `True`): refuse an adapter trained on a base model of
             another name (checked only when both names are known). `False` skips this check.
 
     Returns:
-        The same model, carrying the prompt.
+        The same model, carrying the prompts.
 
     Raises:
-        ValueError: the adapter does not fit the model, or a file is corrupt.
+        ValueError: an adapter does not fit the model, a name is taken, or a file is corrupt.
         FileNotFoundError: neither a local adapter directory nor a Hub repo id.
         HubError: the download failed (missing repo, refused token, unreachable Hub, ...).
 
@@ -92,47 +102,115 @@ def load_soft_prompt(
         ```python
         model = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased")
         model = load_soft_prompt(model, "me/sst2-prompt", revision="main")
+        model = load_soft_prompt(model, "me/topics-prompt", name="topics")
         ```
     """
     source = os.fspath(repo_id_or_path)
-    local = os.path.join(source, subfolder) if subfolder else source
-    if os.path.isdir(local):
-        paths = local_adapter_files(local)
-    else:
-        try:
-            validate_repo_id(source)
-        except HFValidationError as err:
-            raise FileNotFoundError(
-                f"{source!r} is neither a local adapter directory nor a Hub repo id ('namespace/name')."
-            ) from err
-        paths = download_files(
-            source, [[ADAPTER_CONFIG_NAME], [ADAPTER_WEIGHTS_NAME, ADAPTER_BIN_NAME]], revision=revision,
-            token=token, cache_dir=cache_dir, force_download=force_download,
-            local_files_only=local_files_only, subfolder=subfolder,
-            note=f"There is no local directory {local!r} either.")
-    config, tensors, peft_json = read_adapter_files(*paths)
-    check_adapter_fits(model, config, tensors, peft_json, where=source, check_base_model=check_base_model)
+    if subfolder is not None and (os.path.isabs(subfolder) or ".." in subfolder.replace("\\", "/").split("/")):
+        raise ValueError(f"subfolder must be a relative path inside the repo or directory, got {subfolder!r}.")
+    fetch = _Source(source, revision=revision, token=token, cache_dir=cache_dir, force_download=force_download,
+                    local_files_only=local_files_only)
+    wanted = _choose(fetch, name, subfolder)
+    taken = set(get_injector(model).bank.names()) if get_injector(model) is not None else set()
+    clash = sorted(taken & {attach_as for attach_as, _ in wanted})
+    if clash:
+        raise ValueError(f"{type(model).__name__} already carries a soft prompt named {clash[0]!r}. Pass "
+                         "name='...' to load it under another name, or remove_soft_prompt(model, "
+                         f"{clash[0]!r}) first.")
+    prepared = []
+    for attach_as, folder in wanted:  # read and check everything before the model is touched
+        where = source if not folder else f"{source}/{folder}"
+        config, tensors, peft_json = read_adapter_files(*fetch.adapter(folder))
+        heads = check_adapter_fits(model, config, tensors, peft_json, where=where,
+                                   check_base_model=check_base_model)
+        prepared.append((attach_as, config, tensors, heads, where))
+    loaded: list[str] = []
+    had_prompts = bool(taken)
     try:
-        attach_soft_prompt(model, config, prompt_state_dict(config, tensors), trainable=is_trainable)
-    except RuntimeError as err:  # load_state_dict: encoder tensors that do not match the config
-        raise ValueError(f"The adapter in {source!r} is inconsistent: its tensors do not match its "
-                         f"config ({err}). Save it again.") from err
-    load_head_tensors(model, tensors)
+        for attach_as, config, tensors, heads, where in prepared:
+            try:
+                attach_soft_prompt(model, config, prompt_state_dict(config, tensors), trainable=is_trainable,
+                                   name=attach_as, head_tensors=heads)
+            except RuntimeError as err:  # load_state_dict: encoder tensors that do not match the config
+                raise ValueError(f"The adapter in {where!r} is inconsistent: its tensors do not match its "
+                                 f"config ({err}). Save it again.") from err
+            loaded.append(attach_as)
+    except BaseException:
+        for done in reversed(loaded):
+            remove_soft_prompt(model, done)
+        raise
+    if name is None and subfolder is None and not had_prompts:
+        get_injector(model).bank.active = fetch.active or loaded[0]
     return model
 
 
+class _Source:
+    """Files of a local directory or a Hub repo, by path inside it."""
+
+    def __init__(self, source: str, **hub: Any) -> None:
+        self.source = source
+        self.hub = hub
+        self.local = os.path.isdir(source)
+        self.active: str | None = None
+        if not self.local:
+            try:
+                validate_repo_id(source)
+            except HFValidationError as err:
+                raise FileNotFoundError(
+                    f"{source!r} is neither a local adapter directory nor a Hub repo id ('namespace/name')."
+                ) from err
+
+    def index(self) -> tuple[list[str], str | None] | None:
+        """The saved prompt names and active one, when the source is a multi-prompt save."""
+        if self.local:
+            path = os.path.join(self.source, INDEX_NAME)
+            found = [path] if os.path.isfile(path) else []
+        else:
+            found = download_files(self.source, [[INDEX_NAME]], optional=True, **self.hub)
+        if not found:
+            return None
+        names, self.active = read_index(found[0])
+        return names, self.active
+
+    def adapter(self, folder: str) -> tuple[str, str]:
+        """(config path, weights path) of the adapter in `folder` ("" for the root)."""
+        if self.local:
+            local = os.path.join(self.source, folder) if folder else self.source
+            if not os.path.isdir(local):
+                raise FileNotFoundError(f"No folder {folder!r} in {self.source!r}.")
+            return local_adapter_files(local)
+        paths = download_files(
+            self.source, [[ADAPTER_CONFIG_NAME], [ADAPTER_WEIGHTS_NAME, ADAPTER_BIN_NAME]],
+            subfolder=folder or None, note=f"There is no local directory {self.source!r} either.", **self.hub)
+        return paths[0], paths[1]
+
+
+def _choose(fetch: _Source, name: str | None, subfolder: str | None) -> list[tuple[str, str]]:
+    """[(name to attach as, folder in the source)] of the prompts to load."""
+    if subfolder is not None:
+        return [(name or DEFAULT_NAME, subfolder.strip("/"))]
+    index = fetch.index()
+    if index is None:
+        return [(name or DEFAULT_NAME, "")]
+    names, _ = index
+    if name is None:
+        return [(each, prompt_folder(each)) for each in names]
+    if name in names:
+        return [(name, prompt_folder(name))]
+    if len(names) == 1:
+        return [(name, prompt_folder(names[0]))]
+    raise ValueError(f"{fetch.source!r} holds the prompts {names}, none named {name!r}. Pass one of them as "
+                     "name=..., or subfolder=... for one folder, or no name to load them all.")
+
+
 def check_adapter_fits(model: nn.Module, config: SoftPromptConfig, tensors: dict[str, torch.Tensor],
-                       peft_json: dict[str, Any], where: str, check_base_model: bool = True) -> None:
-    """Raise a `ValueError` naming both values when the adapter does not fit `model`."""
+                       peft_json: dict[str, Any], where: str,
+                       check_base_model: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Raise a `ValueError` naming both values when the adapter does not fit `model`; returns the
+    adapter's task-head tensors by module path."""
     if not hasattr(model, "get_input_embeddings"):
         raise TypeError(f"load_soft_prompt needs a transformers PreTrainedModel, got {type(model).__name__}.")
-    prompt, num = tensors[PROMPT_KEY], config.num_virtual_tokens
-    rows = {num, num * int(peft_json.get("num_transformer_submodules") or 1)}  # PEFT seq2seq: 2P
-    if prompt.dim() != 2 or prompt.shape[0] not in rows or config.token_dim not in (None, prompt.shape[1]):
-        raise ValueError(
-            f"The adapter in {where!r} is inconsistent: {PROMPT_KEY} has shape {tuple(prompt.shape)}, "
-            f"its config says {num} virtual tokens of width {config.token_dim}. Save it again."
-        )
+    prompt = tensors[PROMPT_KEY]
     width = model.get_input_embeddings().weight.shape[1]
     if prompt.shape[1] != width:
         raise ValueError(
@@ -143,7 +221,7 @@ def check_adapter_fits(model: nn.Module, config: SoftPromptConfig, tensors: dict
         task = infer_task_type(model)
     except ValueError:  # a custom class: nothing to compare with
         task = None
-    if task is not None and config.task_type not in (None, task, TaskType.FEATURE_EXTRACTION):
+    if task is not None and config.task_type not in (None, task):
         raise ValueError(
             f"The adapter in {where!r} has task_type={config.task_type.value!r}, but "
             f"{type(model).__name__} has task_type={task.value!r}. Load the base model with the "
@@ -157,22 +235,18 @@ def check_adapter_fits(model: nn.Module, config: SoftPromptConfig, tensors: dict
             f"model is {model_base!r}. Load that base model, or pass check_base_model=False if both "
             "names are the same weights."
         )
-    check_head_tensors(model, tensors, where)
-    _warn_untrained_heads(model, config, tensors, where)
-
-
-def _warn_untrained_heads(model: nn.Module, config: SoftPromptConfig, tensors: dict[str, torch.Tensor],
-                          where: str) -> None:
-    saved = [k[len(HEAD_PREFIX):] for k in tensors if k.startswith(HEAD_PREFIX)]
-    heads = {id(m) for m in resolve_trainable_modules(model, config)}
-    untrained = [n for n, m in model.named_modules()
-                 if id(m) in heads and not any(s.startswith(n + ".") for s in saved)]
+    task_type = config.task_type or task
+    heads = {} if task_type is None else dict(
+        resolve_trainable_modules(model, dataclasses.replace(config, task_type=task_type)))
+    by_path = head_tensors_by_path(tensors, heads, where)
+    untrained = sorted(set(heads) - set(by_path))
     if untrained:
         warnings.warn(
             f"The adapter in {where!r} holds no weights for the task head {untrained}: it keeps the base "
             "model's weights (freshly initialised ones give arbitrary predictions).",
-            stacklevel=4,  # the caller of load_soft_prompt
+            stacklevel=3,  # the caller of load_soft_prompt
         )
+    return by_path
 
 
 def _same_name(a: str, b: str) -> bool:

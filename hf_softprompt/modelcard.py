@@ -41,6 +41,8 @@ def build_model_card(
     datasets: str | list[str] | None = None,
     license: str | None = None,
     language: str | list[str] | None = None,
+    subfolder: str | None = None,
+    other_prompts: Mapping[str, SoftPromptConfig] | None = None,
 ) -> ModelCard:
     """A model card for the adapter of `config`.
 
@@ -54,6 +56,9 @@ def build_model_card(
         model_name (`str`, *optional*): the card's title; defaults to the repo name.
         tags (`Sequence[str]`, defaults to `()`): extra metadata tags.
         datasets, license, language (*optional*): Hub metadata, passed through.
+        subfolder (`str`, *optional*): the adapter's folder in the repo (a named prompt of a set).
+        other_prompts (*optional*): `{name: config}` of the other prompts saved with this one
+            (in `<name>/` folders), listed on the card.
 
     Returns:
         A `huggingface_hub.ModelCard`; `card.save(path)` writes it.
@@ -79,7 +84,7 @@ def build_model_card(
         license=license,
         language=language,
     )
-    title = model_name or (repo_id.split("/")[-1] if repo_id else "Soft prompt")
+    title = model_name or subfolder or (repo_id.split("/")[-1] if repo_id else "Soft prompt")
     base_text = f"[`{base_model}`](https://huggingface.co/{base_model})" if _is_repo_id(base_model) else (
         f"`{base_model}`" if base_model else "its base model")
     kind = "prompt tuning"
@@ -94,17 +99,65 @@ def build_model_card(
         "```python\n"
         f"from transformers import {auto_class}\nfrom hf_softprompt import load_soft_prompt\n\n"
         f"model = load_soft_prompt({auto_class}.from_pretrained(\"{base_model or '<base-model>'}\"), "
-        f"\"{repo_id or '<this-repo-or-folder>'}\")\n```",
+        f"\"{repo_id or '<this-repo-or-folder>'}\"{_subfolder_args(subfolder)})\n```",
         "The files also load with PEFT (`PeftModel.from_pretrained(base, repo_id)`); PEFT places the "
         "prompt in front of the input, so outputs match when `placement` is `front`.",
         "## Configuration",
         _table(["Field", "Value"], [[k, _fmt(v)] for k, v in sorted(config.to_dict().items())
                                     if v is not None]),
     ]
+    if other_prompts:
+        sections += ["## Other prompts in this repo", _prompt_list(other_prompts) + "\n\n"
+                     "`load_soft_prompt(model, repo_id)` loads them all; `name=\"...\"` picks one."]
     results = _results_section(training_results)
     if results:
         sections += ["## Training results", results]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def build_prompt_set_card(configs: Mapping[str, SoftPromptConfig], *, repo_id: str | None = None) -> ModelCard:
+    """The root card of a set of named prompts saved without a `"default"` one."""
+    first = next(iter(configs.values()))
+    base_model = first.base_model_name_or_path
+    auto_class, pipeline_tag = _TASK_CARD[first.task_type or TaskType.FEATURE_EXTRACTION]
+    data = ModelCardData(library_name=LIBRARY_NAME, base_model=base_model if _is_repo_id(base_model) else None,
+                         tags=[LIBRARY_NAME, "soft-prompt", "multi-prompt"], pipeline_tag=pipeline_tag)
+    title = repo_id.split("/")[-1] if repo_id else "Soft prompts"
+    text = "\n\n".join([
+        f"# {title}",
+        f"{len(configs)} soft prompts for `{base_model or 'its base model'}`, trained with `{LIBRARY_NAME}`, "
+        "each in its own folder (PEFT's multi-adapter layout):",
+        _prompt_list(configs),
+        "## How to load",
+        "```python\n"
+        f"from transformers import {auto_class}\nfrom hf_softprompt import load_soft_prompt\n\n"
+        f"model = load_soft_prompt({auto_class}.from_pretrained(\"{base_model or '<base-model>'}\"), "
+        f"\"{repo_id or '<this-repo-or-folder>'}\")  # every prompt, by name\n```",
+    ])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}\n")
+
+
+def is_our_card(path: str | os.PathLike) -> bool:
+    """Whether the README.md at `path` is a card this library wrote (so it may be replaced)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(2000)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.startswith("---") and f"library_name: {LIBRARY_NAME}" in head
+
+
+def _prompt_list(configs: Mapping[str, SoftPromptConfig]) -> str:
+    rows = []
+    for name, config in configs.items():
+        kind = f"P-tuning ({config.encoder.value})" if config.is_p_tuning else "prompt tuning"
+        rows.append([f"`{name}`", f"`{name}/`" if name != "default" else "root",
+                     str(config.num_virtual_tokens), kind])
+    return _table(["Prompt", "Folder", "Virtual tokens", "Method"], rows)
+
+
+def _subfolder_args(subfolder: str | None) -> str:
+    return f", name=\"{subfolder}\"" if subfolder else ""
 
 
 def _results_section(training_results: Any) -> str:

@@ -1,11 +1,18 @@
-"""The shared prompt cache: decoder-only models run the prompt once per batch, not once per row.
+"""The shared prompt cache: decoder-only models run each prompt once per call, not once per row.
 
 In a causal model the P virtual positions attend only to each other, so their hidden states and
-per-layer keys/values are the same for every row. `SharedPromptCache` runs them with batch size 1
-and gives each call a fresh `DynamicCache` whose tensors are `expand`ed views of those keys/values:
-a batch costs about P + B·L tokens instead of B·(P+L), and the backward of `expand` sums the
-prompt's gradient over the rows. Without a graph to build (`generate`, evaluation under no_grad)
-the keys/values are kept and reused until a parameter of the model changes.
+per-layer keys/values are the same for every row that uses the prompt. `SharedPromptCache` runs
+each distinct prompt of a call alone (batch size 1) and gives the call a fresh `DynamicCache`
+holding, for every row, the keys/values of its own prompt: a batch over K prompts costs about
+K·P + B·L tokens instead of B·(P+L). With one prompt the cache tensors are `expand`ed views of one
+pass; with several, rows are gathered from the K passes (shorter prompts front-padded with zero
+filler slots that the attention mask hides). The backward of `expand`/`index_select` sums each
+prompt's gradient over its own rows only.
+
+The keys/values are computed anew for every call (`generate` computes them once, at its first
+step): nothing is kept between calls, so no edit of the prompt or of the base weights (optimizer
+steps, `load_state_dict`, `.data` writes, `model.to(dtype)`) can leave a stale cache, and calls
+from several threads share no state.
 
 The injector asks `reason_against` first; when it returns a reason, it concatenates the prompt
 to every row as usual. Each decision is logged once per model and reason.
@@ -13,20 +20,21 @@ to every row as usual. Each decision is logged once per model and reason.
 Training on an accelerator concatenates too: there a step is bound by kernel launches more than by
 token count, and the prompt pass (every layer again, forward and backward, for P tokens) made a
 training step 1.3-2.0x slower than concatenation on an H100 (benchmarks/gpu_results.md).
-Evaluation and `generate` there still share the prompt: without a graph its keys/values are
-computed once and kept, so the shared path only saves work.
+Evaluation and `generate` there still share the prompt.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from .routing import RowPrompts, rows_in_use
 from .tasks import TaskSpec, cache_argument, is_decoder_only
 
 logger = logging.getLogger(__name__)
@@ -37,7 +45,7 @@ _KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, H_kv, n, 
 
 
 class SharedPromptCache:
-    """Computes the prompt's keys/values once and hands out per-call caches that hold them.
+    """Computes each prompt's keys/values once per call and hands the call a cache that holds them.
 
     Args:
         model (`PreTrainedModel`): the soft-prompted model (decoder-only for the cache to apply).
@@ -57,7 +65,6 @@ class SharedPromptCache:
         self.model_reason = model_reason(model, self.base, setting is not False, front)
         self.cache_key = cache_argument(model)  # the real call's cache argument
         self._base_cache_key = cache_argument(self.base)  # the prompt pass's (read once, not per step)
-        self._kept: tuple[tuple, _KeyValues] | None = None  # (key, keys/values) from a no-graph pass
         self._logged: set[str | None] = set()
 
     def reason_against(self, kwargs: dict[str, Any], device: torch.device) -> str | None:
@@ -68,7 +75,7 @@ class SharedPromptCache:
             reason = (f"training on {device.type}, where the extra prompt pass (forward and backward) costs "
                       "more than it saves (1.3-2.0x slower steps on an H100); "
                       "SoftPromptConfig(shared_prompt_cache=True) forces the shared path")
-        if reason not in self._logged:
+        if reason not in self._logged:  # two threads may both log it: harmless
             self._logged.add(reason)
             name = type(self.model).__name__
             if reason is SHARED:
@@ -77,55 +84,58 @@ class SharedPromptCache:
                 logger.info("%s: soft prompt concatenated to every row (plain path): %s.", name, reason)
         return reason
 
-    def build(self, prompt: torch.Tensor, batch: int, into: Cache | None = None) -> Cache:
-        """A cache holding the keys/values of `prompt` ((n, D), already in the model's dtype) for
-        `batch` rows: `into` (an empty `DynamicCache`, e.g. the one `generate` made), or a new one.
-
-        The cache tensors are (batch, H_kv, n, D_head) `expand`ed views of one pass; layers grow
-        out of place, so the views are never written to.
-        """
-        cache = DynamicCache() if into is None else into
-        for idx, (keys, values) in enumerate(self._key_values(prompt)):
-            if idx == len(cache.layers):
-                cache.layers.append(DynamicLayer())
-            layer = cache.layers[idx]
-            layer.dtype, layer.device = keys.dtype, keys.device
-            layer.keys = keys.expand(batch, -1, -1, -1)
-            layer.values = values.expand(batch, -1, -1, -1)
-            layer.is_initialized = True
-        return cache
-
     def needs_graph(self) -> bool:
-        """Whether a prompt pass now must be recorded for backward (or may differ per call, as
-        dropout does in training), so its keys/values cannot be kept."""
+        """Whether a prompt pass now must be recorded for backward (training, or grad enabled with
+        trainable parameters)."""
         return self.model.training or (
             torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
         )
 
-    def _key_values(self, prompt: torch.Tensor) -> _KeyValues:
-        """Per-layer keys/values of the prompt: reused while no graph is needed and no parameter
-        changed (optimizer steps and `load_state_dict` bump `_version`, `.data =` moves the pointer)."""
-        if self.needs_graph():
-            self._kept = None
-            return self._run_prompt(prompt)
-        device = prompt.device.type
-        autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-        key = (prompt.shape, prompt.dtype, prompt.device, autocast,
-               tuple((p.data_ptr(), p._version) for p in self.model.parameters()))
-        if self._kept is None or self._kept[0] != key:
-            self._kept = (key, self._run_prompt(prompt))
-        return self._kept[1]
+    def build(self, prompts: Sequence[torch.Tensor], rows: RowPrompts, into: Cache | None = None) -> Cache:
+        """A cache holding, for each row, the keys/values of its prompt: `prompts[k]` ((P_k, D),
+        already in the model's dtype) is slot k of `rows`. Fills `into` (an empty `DynamicCache`,
+        e.g. the one `generate` made) or a new one.
 
-    def _run_prompt(self, prompt: torch.Tensor) -> _KeyValues:
-        """One pass of the base model over the prompt alone: (1, n, D) -> per-layer keys/values."""
+        Layers grow out of place (`torch.cat`), so the cache tensors are never written to.
+        """
+        per_slot = [self._run_prompt(prompt, slot, rows) for slot, prompt in enumerate(prompts)]
+        width = rows.width
+        cache = DynamicCache() if into is None else into
+        for idx in range(len(per_slot[0])):
+            keys = self._rows([kv[idx][0] for kv in per_slot], rows, width)
+            values = self._rows([kv[idx][1] for kv in per_slot], rows, width)
+            if idx == len(cache.layers):
+                cache.layers.append(DynamicLayer())
+            layer = cache.layers[idx]
+            layer.dtype, layer.device = keys.dtype, keys.device
+            layer.keys, layer.values = keys, values
+            layer.is_initialized = True
+        return cache
+
+    @staticmethod
+    def _rows(per_slot: list[torch.Tensor], rows: RowPrompts, width: int) -> torch.Tensor:
+        """(B, H, width, D_head): each row's prompt, front-padded with zeros to `width`."""
+        if rows.single_slot is not None:
+            return per_slot[0].expand(rows.batch_size, -1, -1, -1)  # views of one pass
+        first = per_slot[0]
+        padded = [torch.cat([t.new_zeros(1, t.shape[1], width - t.shape[2], t.shape[3]), t], dim=2)
+                  for t in per_slot]
+        padded.append(first.new_zeros(1, first.shape[1], width, first.shape[3]))  # rows with no prompt
+        table = torch.cat(padded)  # (K + 1, H, width, D_head)
+        return table.index_select(0, (rows.index % table.shape[0]).to(table.device))  # -1 -> last
+
+    def _run_prompt(self, prompt: torch.Tensor, slot: int, rows: RowPrompts) -> _KeyValues:
+        """One pass of the base model over one prompt alone: (1, n, D) -> per-layer keys/values."""
         num = prompt.shape[0]
         cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-        # A feature-extraction model is its own base model and carries the injection hooks:
-        # `forward` skips them.
-        run = self.base.forward if self.base is self.model else self.base
-        run(inputs_embeds=prompt.unsqueeze(0), attention_mask=None, use_cache=True,
-            position_ids=torch.arange(num, device=prompt.device).unsqueeze(0),
-            return_dict=True, **{self._base_cache_key: cache})
+        # A feature-extraction model is its own base model and carries the injection: call its class's
+        # forward. Modules the prompt owns see a call of one row, its own.
+        run = (lambda **kw: type(self.base).forward(self.base, **kw)) if self.base is self.model else self.base
+        single = RowPrompts((rows.slots[slot],), (num,), torch.zeros(1, dtype=torch.long, device=prompt.device))
+        with rows_in_use(single):
+            run(inputs_embeds=prompt.unsqueeze(0), attention_mask=None, use_cache=True,
+                position_ids=torch.arange(num, device=prompt.device).unsqueeze(0),
+                return_dict=True, **{self._base_cache_key: cache})
         return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -169,4 +179,3 @@ def call_reason(model: nn.Module, spec: TaskSpec, kwargs: dict[str, Any], cache_
     if kwargs.get("output_attentions"):
         return "output_attentions=True asks for the attention of every virtual position"
     return SHARED
-

@@ -7,18 +7,16 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
-from .attach import get_soft_prompt_config
-from .callbacks import SoftPromptCallback, trainable_counts
-from .config import SoftPromptConfig
+from .bank import DEFAULT_NAME
+from .callbacks import PromptConfigs, SoftPromptCallback, trainable_counts
 from .inject import get_injector
-from .modelcard import MODEL_CARD_NAME, build_model_card
-from .serialization import ADAPTER_FILES, load_soft_prompt_weights, push_adapter_folder
+from .modelcard import MODEL_CARD_NAME, build_model_card, build_prompt_set_card
+from .serialization import has_saved_prompts, load_soft_prompt_weights, push_adapter_folder
 
 logger = logging.getLogger(__name__)
 
@@ -26,17 +24,18 @@ logger = logging.getLogger(__name__)
 class SoftPromptTrainer(Trainer):
     """A `Trainer` that trains a soft prompt and checkpoints it as an adapter.
 
-    The prompt is set up by the same [`SoftPromptCallback`] the stock `Trainer` takes; on top of
-    it this class resumes from adapter-only checkpoints (prompt, P-tuning encoder, task head,
-    optimizer, scheduler and RNG), reloads the best adapter with `load_best_model_at_end=True`,
-    normalises the loss of Llama-style causal LMs over every real target token, puts the
-    trainable-parameter count in the log history at the start of training, and pushes only the
-    adapter files and a soft-prompt model card to the Hub (`push_to_hub()` and every `hub_strategy`).
+    The prompts are set up by the same [`SoftPromptCallback`] the stock `Trainer` takes; on top of
+    it this class resumes from adapter-only checkpoints (every prompt, P-tuning encoder, task
+    head, optimizer, scheduler and RNG), reloads the best adapters with
+    `load_best_model_at_end=True`, puts the trainable-parameter count in the log history at the
+    start of training, and pushes only the adapter files and soft-prompt model cards to the Hub
+    (`push_to_hub()` and every `hub_strategy`).
 
     Args:
-        soft_prompt_config (`SoftPromptConfig`, *optional*, keyword only): the prompt to add.
-            Defaults to 20 random virtual tokens; leave it out to train a prompt the model
-            already carries.
+        soft_prompt_config (`SoftPromptConfig` or `dict[str, SoftPromptConfig]`, *optional*, keyword
+            only): the prompt to add, or several by name (rows choose theirs with a
+            `soft_prompt_ids` column). Defaults to 20 random virtual tokens; leave it out to train
+            the prompts the model already carries.
         *args, **kwargs: passed to `transformers.Trainer`.
 
     Example:
@@ -48,7 +47,7 @@ class SoftPromptTrainer(Trainer):
         ```
     """
 
-    def __init__(self, *args: Any, soft_prompt_config: SoftPromptConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, soft_prompt_config: PromptConfigs | None = None, **kwargs: Any) -> None:
         callbacks = list(kwargs.pop("callbacks", None) or [])
         ours = [i for i, cb in enumerate(callbacks) if _is_soft_prompt_callback(cb)]
         if len(ours) > 1 or (ours and soft_prompt_config is not None):
@@ -75,26 +74,23 @@ class SoftPromptTrainer(Trainer):
         return optimizer
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
-        # Count the targets of the labels the model sees: behind the prompt, labels[:, 0] is a real
-        # target, which the Trainer's causal-LM rule (labels[..., 1:]) leaves out. Not when the
-        # Trainer computes the loss itself from the aligned logits (label smoothing, compute_loss_func):
-        # there labels[:, 0] has no logit, and the stock count is right.
+        # Count what the model's loss counts. A causal LM predicts labels[:, 1:] (with a prompt as
+        # without), but the Trainer knows that only from `loss_type` (Llama has it; GPT-2 has none, so
+        # the stock count includes labels[:, 0] and the loss comes out too small).
         injector = get_injector(self.model)
         model_computes_loss = self.label_smoother is None and self.compute_loss_func is None
-        if injector is not None and model_computes_loss and "labels" in injector.spec.per_position_labels:
-            pad = injector.num_virtual
-            batch_samples = [
-                {**batch, "labels": F.pad(batch["labels"], (pad, 0), value=-100)}
-                if isinstance(batch.get("labels"), torch.Tensor) else batch
-                for batch in batch_samples
-            ]
-        return super()._get_num_items_in_batch(batch_samples, device)
+        if injector is None or not model_computes_loss or not injector.spec.shifts_labels:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        shifted = [{**batch, "shift_labels": batch["labels"][..., 1:]}
+                   if isinstance(batch.get("labels"), torch.Tensor) and "shift_labels" not in batch else batch
+                   for batch in batch_samples]
+        return super()._get_num_items_in_batch(shifted, device)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # Our checkpoints hold the adapter only; the stock loader looks for base weights and fails.
         target = self.model if model is None else model
-        if get_injector(target) is not None and _has_adapter(resume_from_checkpoint):
-            logger.info(f"Loading the soft prompt from {resume_from_checkpoint}.")
+        if get_injector(target) is not None and has_saved_prompts(resume_from_checkpoint):
+            logger.info(f"Loading the soft prompts from {resume_from_checkpoint}.")
             load_soft_prompt_weights(target, resume_from_checkpoint)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -102,8 +98,8 @@ class SoftPromptTrainer(Trainer):
     def _load_best_model(self) -> None:
         # Same reason as `_load_from_checkpoint`: the best checkpoint is an adapter.
         best = self.state.best_model_checkpoint
-        if get_injector(self.model) is not None and _has_adapter(best):
-            logger.info(f"Loading the best soft prompt from {best} (score: {self.state.best_metric}).")
+        if get_injector(self.model) is not None and has_saved_prompts(best):
+            logger.info(f"Loading the best soft prompts from {best} (score: {self.state.best_metric}).")
             load_soft_prompt_weights(self.model, best)
         else:
             super()._load_best_model()
@@ -115,12 +111,17 @@ class SoftPromptTrainer(Trainer):
         # The stock card describes a full fine-tune; ours says how to load the adapter.
         if not self.is_world_process_zero():
             return
-        card = build_model_card(
-            get_soft_prompt_config(self.model), base_model=finetuned_from, repo_id=self.hub_model_id,
-            training_results=self.state.log_history, model_name=model_name,
-            tags=[tags] if isinstance(tags, str) else tags or (), datasets=dataset, license=license,
-            language=language,
-        )
+        bank = get_injector(self.model).bank
+        if DEFAULT_NAME in bank:
+            others = {name: bank.configs[name] for name in bank.names() if name != DEFAULT_NAME}
+            card = build_model_card(
+                bank.configs[DEFAULT_NAME], base_model=finetuned_from, repo_id=self.hub_model_id,
+                training_results=self.state.log_history, model_name=model_name,
+                tags=[tags] if isinstance(tags, str) else tags or (), datasets=dataset, license=license,
+                language=language, other_prompts=others,
+            )
+        else:
+            card = build_prompt_set_card(bank.configs, repo_id=self.hub_model_id)
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, MODEL_CARD_NAME))
 
@@ -184,7 +185,3 @@ def _is_soft_prompt_callback(callback: Any) -> bool:
     if isinstance(callback, type):
         return issubclass(callback, SoftPromptCallback)
     return isinstance(callback, SoftPromptCallback)
-
-
-def _has_adapter(directory: str | os.PathLike | None) -> bool:
-    return directory is not None and all(os.path.isfile(os.path.join(directory, f)) for f in ADAPTER_FILES)

@@ -47,7 +47,7 @@ def main(out: str) -> None:
     trainer.save_model(os.path.join(out, "final"))
     batches = [batch["input_ids"][:, 0].tolist() for batch in trainer.get_train_dataloader()]
     torch.save({
-        "prompt": model.soft_prompt.embedding.weight.detach().clone(),
+        "prompt": model.soft_prompts["default"].embedding.weight.detach().clone(),
         "writes": writes,
         "world_size": dist.get_world_size(),
         "backend": dist.get_backend(),

@@ -59,7 +59,10 @@ def reference_outputs(base, prompt: torch.Tensor, batch: dict, task: str, at: in
         kwargs["position_ids"] = (full_mask.cumsum(-1) - 1).clamp(min=0)
     keep = lambda t: torch.cat([t[:, :at], t[:, at + P:]], 1)  # noqa: E731
     if task in ("causal_lm", "masked_lm", "token_cls"):
-        labels = insert(batch["labels"], torch.full((B, P), -100, device=mask.device), at)
+        labels = batch["labels"]
+        if task == "causal_lm":  # the caller's targets, labels[:, 1:], as without a prompt
+            labels = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, 1:]], 1)
+        labels = insert(labels, torch.full((B, P), -100, device=mask.device), at)
         out = base(**kwargs, labels=labels)
         return {"loss": out.loss, "logits": keep(out.logits)}
     if task == "seq2seq_lm":

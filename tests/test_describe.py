@@ -24,7 +24,7 @@ def test_virtual_token_equal_to_a_vocabulary_row_names_that_token(prompted_llama
     table = prompted_llama.get_input_embeddings().weight
     with torch.no_grad():
         for row, word in enumerate(words):
-            prompted_llama.soft_prompt.embedding.weight[row] = table[vocab[word]]
+            prompted_llama.soft_prompts["default"].embedding.weight[row] = table[vocab[word]]
 
     neighbours = describe_soft_prompt(prompted_llama, tokenizer, k=3)
 
@@ -42,7 +42,7 @@ def test_virtual_token_equal_to_a_vocabulary_row_names_that_token(prompted_llama
 def test_matches_a_brute_force_cosine_search(prompted_llama, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     table = prompted_llama.get_input_embeddings().weight.detach()
-    prompt = prompted_llama.soft_prompt().detach()
+    prompt = prompted_llama.soft_prompts["default"]().detach()
     neighbours = describe_soft_prompt(prompted_llama, tokenizer, k=2)
     id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
     for row in range(P):
@@ -66,9 +66,9 @@ def test_p_tuning_describes_the_encoder_output(tokenizer_dir):
     model = add_soft_prompt(make_model("bert", "seq_cls"), config)
     vocab = tokenizer.get_vocab()
     table = model.get_input_embeddings().weight
-    last = model.soft_prompt.encoder[-1]
+    last = model.soft_prompts["default"].encoder[-1]
     with torch.no_grad():  # make the encoder output every row equal to the embedding of "good"
-        for layer in model.soft_prompt.encoder:
+        for layer in model.soft_prompts["default"].encoder:
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.zero_()
         last.bias.copy_(table[vocab["good"]])

@@ -101,7 +101,7 @@ def test_run_causal_lm_tiny(tmp_path):
     # The adapter puts the trained prompt back on the base model it was trained on.
     model = load_soft_prompt(AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model"), tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"]
-    assert torch.equal(model.soft_prompt().detach(), saved)
+    assert torch.equal(model.soft_prompts["default"]().detach(), saved)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ def prompted(family, task="causal_lm", **config):
     base = make_model(family, task)
     model = add_soft_prompt(copy.deepcopy(base), SoftPromptConfig(num_virtual_tokens=P, **config))
     with torch.no_grad():
-        model.soft_prompt.embedding.weight.normal_(0, 1.0)
+        model.soft_prompts["default"].embedding.weight.normal_(0, 1.0)
     return base, model
 
 
@@ -66,7 +66,7 @@ def test_decoder_greedy_matches_no_cache_reference(family, padding_side, use_cac
     batch = make_batch("causal_lm", lengths, padding_side, seed=3)
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          **gen_kwargs(use_cache=use_cache))
-    prompt = model.soft_prompt().detach()
+    prompt = model.soft_prompts["default"]().detach()
     width = batch["input_ids"].shape[1]
     # The returned sequences are the caller's ids plus new tokens: no virtual tokens.
     assert out.shape == (len(lengths), width + NEW)
@@ -84,7 +84,7 @@ def test_seq2seq_greedy_matches_reference(family, use_cache):
     batch = make_batch("seq2seq_lm", [6, 3, 4], "right", seed=5)
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          **gen_kwargs(use_cache=use_cache))
-    prompt = model.soft_prompt().detach()
+    prompt = model.soft_prompts["default"]().detach()
     for row, mask_row in enumerate(batch["attention_mask"]):
         ids = batch["input_ids"][row][mask_row.bool()].unsqueeze(0)
         want = greedy_reference_seq2seq(base, prompt, ids)[0]

@@ -109,19 +109,21 @@ def test_500_once_then_retry_succeeds(hub_server, tmp_path, path_contains):
     model = prompted()
     hub_server.fail_next(1, 500, path_contains=path_contains)
     with pytest.raises(HubError, match=r"Could not push to 'me/sst2-prompt' \(HTTP 500\): the Hub had a "
-                                       r"server error: retry in a moment.*Nothing local was changed") as info:
+                                       r"server error: retry in a moment. The adapter was saved locally to "
+                                       r".* \(3 files, complete\): run save_soft_prompt\(..., push_to_hub=True\) "
+                                       r"again") as info:
         save_soft_prompt(model, tmp_path, push_to_hub=True, repo_id=REPO)
     assert info.value.status == 500 and info.value.__cause__ is not None
     assert not hub_server.repo_exists(REPO) or hub_server.files(REPO) == {}
     local = snapshot(tmp_path)
-    assert set(local) == ADAPTER
+    assert set(local) == ADAPTER | {CARD}  # what the message says was saved
     load_soft_prompt(base(), tmp_path)  # the local copy is complete
 
     assert snapshot(tmp_path) == local  # loading did not touch it either
 
     save_soft_prompt(model, tmp_path, push_to_hub=True, repo_id=REPO)  # the retry
     assert set(hub_server.files(REPO)) == ADAPTER | {CARD}
-    assert all(hub_server.files(REPO)[n] == (tmp_path / n).read_bytes() for n in ADAPTER)
+    assert all(hub_server.files(REPO)[n] == (tmp_path / n).read_bytes() for n in ADAPTER | {CARD})
 
 
 def test_401_wrong_token(hub_server, tmp_path):

@@ -21,7 +21,7 @@ def prompted(family, task, **config):
     base = make_model(family, task)
     model = add_soft_prompt(copy.deepcopy(base), SoftPromptConfig(num_virtual_tokens=P, **config))
     with torch.no_grad():  # a prompt far from zero, so a dropped prompt cannot pass unnoticed
-        model.soft_prompt.embedding.weight.normal_(0, 1.0)
+        model.soft_prompts["default"].embedding.weight.normal_(0, 1.0)
     return base, model
 
 
@@ -42,7 +42,7 @@ def test_matches_hand_written_reference(family, task, padding_side):
     base, model = prompted(family, task)
     batch = make_batch(task, [7, 3, 5], padding_side)
     ours = model(**batch)
-    prompt = model.soft_prompt().detach().clone().requires_grad_(True)
+    prompt = model.soft_prompts["default"]().detach().clone().requires_grad_(True)
     ref = reference_outputs(base, prompt, batch, task)
 
     torch.testing.assert_close(ours.loss, ref["loss"], atol=ATOL, rtol=0)
@@ -59,7 +59,7 @@ def test_matches_hand_written_reference(family, task, padding_side):
 
     ours.loss.backward()
     ref["loss"].backward()
-    torch.testing.assert_close(model.soft_prompt.embedding.weight.grad, prompt.grad, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(model.soft_prompts["default"].embedding.weight.grad, prompt.grad, atol=ATOL, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family,task", [("bert", "seq_cls"), ("bert", "token_cls"), ("bert", "qa"),
@@ -68,7 +68,7 @@ def test_after_first_token_placement(family, task):
     base, model = prompted(family, task, placement="after_first_token")
     batch = make_batch(task, [6, 4, 5])
     ours = model(**batch)
-    ref = reference_outputs(base, model.soft_prompt().detach(), batch, task, at=1)
+    ref = reference_outputs(base, model.soft_prompts["default"]().detach(), batch, task, at=1)
     torch.testing.assert_close(ours.loss, ref["loss"], atol=ATOL, rtol=0)
     for key, value in ref.items():
         if key != "loss":
@@ -84,7 +84,7 @@ def test_qa_no_answer_position_stays_on_cls_after_first_token():
     batch = make_batch("qa", [6, 6])
     batch["start_positions"][:] = 0
     batch["end_positions"][:] = 0
-    ref = reference_outputs(base, model.soft_prompt().detach(), batch, "qa", at=1)
+    ref = reference_outputs(base, model.soft_prompts["default"]().detach(), batch, "qa", at=1)
     torch.testing.assert_close(model(**batch).loss, ref["loss"], atol=ATOL, rtol=0)
 
 
@@ -145,7 +145,7 @@ def test_bert_token_type_ids_kept():
     batch = make_batch("seq_cls", [5, 5])
     types = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
     ours = model(**batch, token_type_ids=types).logits
-    prompt = model.soft_prompt().detach()
+    prompt = model.soft_prompts["default"]().detach()
     emb = base.get_input_embeddings()(batch["input_ids"])
     full = torch.cat([prompt.expand(2, -1, -1), emb], 1)
     ref = base(inputs_embeds=full, attention_mask=torch.ones(2, P + 5, dtype=torch.long),

@@ -16,7 +16,7 @@ from hf_softprompt.prompt import LSTMPromptEncoder, MLPPromptEncoder
 # ------------------------------------------------------------------- inits
 def test_random_init_shape_and_scale():
     model = add_soft_prompt(make_model("gpt2", "causal_lm"), SoftPromptConfig(num_virtual_tokens=6))
-    table = model.soft_prompt.embedding.weight
+    table = model.soft_prompts["default"].embedding.weight
     assert table.shape == (6, 32) and table.dtype == torch.float32
     vocab_std = model.get_input_embeddings().weight.std().item()
     assert 0.5 * vocab_std < table.std().item() < 2 * vocab_std
@@ -26,7 +26,7 @@ def test_sample_vocab_rows_are_vocabulary_rows():
     model = make_model("llama", "causal_lm")
     vocab = model.get_input_embeddings().weight.detach().clone()
     add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=8, init="SAMPLE_VOCAB"))
-    for row in model.soft_prompt.embedding.weight.detach():
+    for row in model.soft_prompts["default"].embedding.weight.detach():
         assert (vocab == row).all(-1).any()
 
 
@@ -44,7 +44,7 @@ def test_text_init_truncates_or_repeats(tokenizer_dir, num_virtual, expected_wor
                                             init_text="classify the sentiment :",
                                             tokenizer_name_or_path=tokenizer_dir))
     expected_ids = tokenizer.convert_tokens_to_ids(expected_words)
-    torch.testing.assert_close(model.soft_prompt.embedding.weight.detach(), vocab[expected_ids])
+    torch.testing.assert_close(model.soft_prompts["default"].embedding.weight.detach(), vocab[expected_ids])
 
 
 def test_text_init_empty_text_error(tokenizer_dir):
@@ -57,23 +57,23 @@ def test_text_init_empty_text_error(tokenizer_dir):
 def test_mlp_encoder_layout():
     model = add_soft_prompt(make_model("gpt2", "causal_lm"),
                             SoftPromptConfig(num_virtual_tokens=5, encoder="mlp", encoder_hidden_size=12))
-    encoder = model.soft_prompt.encoder
+    encoder = model.soft_prompts["default"].encoder
     assert isinstance(encoder, MLPPromptEncoder)
     assert [type(m).__name__ for m in encoder] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
     assert [m.weight.shape for m in encoder if hasattr(m, "weight")] == [(12, 32), (12, 12), (32, 12)]
-    table = model.soft_prompt.embedding.weight
-    torch.testing.assert_close(model.soft_prompt(), encoder(table))
+    table = model.soft_prompts["default"].embedding.weight
+    torch.testing.assert_close(model.soft_prompts["default"](), encoder(table))
 
 
 def test_lstm_encoder_layout():
     model = add_soft_prompt(make_model("gpt2", "causal_lm"),
                             SoftPromptConfig(num_virtual_tokens=5, encoder="lstm", encoder_hidden_size=12,
                                              encoder_num_layers=2, encoder_dropout=0.1))
-    encoder = model.soft_prompt.encoder
+    encoder = model.soft_prompts["default"].encoder
     assert isinstance(encoder, LSTMPromptEncoder)
     assert encoder.lstm_head.bidirectional and encoder.lstm_head.num_layers == 2
     assert encoder.mlp_head[0].weight.shape == (24, 24) and encoder.mlp_head[2].weight.shape == (32, 24)
-    assert model.soft_prompt().shape == (5, 32)
+    assert model.soft_prompts["default"]().shape == (5, 32)
 
 
 @pytest.mark.parametrize("encoder", ["mlp", "lstm"])
@@ -82,24 +82,28 @@ def test_p_tuning_trains_encoder_and_table(encoder):
                             SoftPromptConfig(num_virtual_tokens=4, encoder=encoder, encoder_hidden_size=8))
     model(**make_batch("causal_lm", [5, 3])).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert all(n.startswith("soft_prompt.") for n in grads)
-    assert any("encoder" in n for n in grads) and "soft_prompt.embedding.weight" in grads
+    assert all(n.startswith("soft_prompts.prompts.default.") for n in grads)
+    assert any("encoder" in n for n in grads) and "soft_prompts.prompts.default.embedding.weight" in grads
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
 # --------------------------------------------------- freezing and removal
+HEADS = "soft_prompts.heads.default."
+
+
 @pytest.mark.parametrize("family,task,heads", [
     ("gpt2", "causal_lm", set()),
-    ("bert", "seq_cls", {"classifier.weight", "classifier.bias"}),
-    ("gpt2", "seq_cls", {"score.weight"}),
-    ("bert", "qa", {"qa_outputs.weight", "qa_outputs.bias"}),
+    ("bert", "seq_cls", {HEADS + "classifier.weight", HEADS + "classifier.bias"}),
+    ("gpt2", "seq_cls", {HEADS + "score.weight"}),
+    ("bert", "qa", {HEADS + "qa_outputs.weight", HEADS + "qa_outputs.bias"}),
     ("t5", "seq2seq_lm", set()),
 ])
 def test_only_prompt_and_head_train_and_base_is_bit_identical(family, task, heads):
     model = add_soft_prompt(make_model(family, task), SoftPromptConfig(num_virtual_tokens=4))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"soft_prompt.embedding.weight"} | heads
+    # The prompt owns a copy of the task head: the base model, its own head included, never changes.
+    assert trainable == {"soft_prompts.prompts.default.embedding.weight"} | heads
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
     model(**make_batch(task, [5, 4])).loss.backward()
@@ -114,7 +118,8 @@ def test_only_prompt_and_head_train_and_base_is_bit_identical(family, task, head
 def test_explicit_trainable_modules():
     model = add_soft_prompt(make_model("bert", "seq_cls"),
                             SoftPromptConfig(num_virtual_tokens=4, trainable_modules=[]))
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"soft_prompt.embedding.weight"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "soft_prompts.prompts.default.embedding.weight"}
     with pytest.raises(ValueError, match="trainable_modules names 'nope', but BertForSequenceClassification"):
         add_soft_prompt(make_model("bert", "seq_cls"), SoftPromptConfig(trainable_modules=["nope"]))
 
@@ -129,14 +134,14 @@ def test_remove_restores_model_exactly():
     assert model is base and type(model).__name__ == "LlamaForCausalLM"
     remove_soft_prompt(model)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not hasattr(model, "soft_prompt")
-    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not hasattr(model, "soft_prompts")
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__  # the class's own again
     torch.testing.assert_close(model(**batch).logits, want)
 
 
 def test_add_twice_and_remove_twice_errors():
     model = add_soft_prompt(make_model("gpt2", "causal_lm"), SoftPromptConfig(num_virtual_tokens=2))
-    with pytest.raises(ValueError, match="already carries a soft prompt"):
+    with pytest.raises(ValueError, match="already carries a soft prompt named 'default'"):
         add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=2))
     remove_soft_prompt(model)
     with pytest.raises(ValueError, match="carries no soft prompt to remove"):
@@ -147,9 +152,13 @@ def test_model_keeps_its_signature_for_trainer_column_detection():
     import inspect
 
     base = make_model("bert", "seq_cls")
-    before = inspect.signature(base.forward)
+    before = inspect.signature(base.forward).parameters
     model = add_soft_prompt(base, SoftPromptConfig(num_virtual_tokens=2))
-    assert inspect.signature(model.forward) == before
+    after = inspect.signature(model.forward).parameters
+    # The model's own arguments, in order, plus the per-row prompt choice (kept as dataset columns).
+    assert [n for n in after if n not in ("soft_prompt_names", "soft_prompt_ids")] == list(before)
+    assert all(after[n] == p for n, p in before.items())
+    assert after["soft_prompt_ids"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 # ------------------------------------------------------------------ errors
@@ -189,12 +198,12 @@ def test_causal_lm_refuses_after_first_token_placement():
 def test_prompt_stays_float32_in_bf16_model():
     model = add_soft_prompt(make_model("llama", "causal_lm"), SoftPromptConfig(num_virtual_tokens=4))
     model.to(torch.bfloat16)
-    assert model.soft_prompt.embedding.weight.dtype == torch.float32
+    assert model.soft_prompts["default"].embedding.weight.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.bfloat16
     out = model(**make_batch("causal_lm", [5, 3]))
     out.loss.backward()
-    assert model.soft_prompt.embedding.weight.grad.dtype == torch.float32
-    assert torch.isfinite(model.soft_prompt.embedding.weight.grad).all()
+    assert model.soft_prompts["default"].embedding.weight.grad.dtype == torch.float32
+    assert torch.isfinite(model.soft_prompts["default"].embedding.weight.grad).all()
 
 
 def test_bf16_autocast_training_step():
@@ -202,7 +211,7 @@ def test_bf16_autocast_training_step():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**make_batch("causal_lm", [5, 3])).loss
     loss.backward()
-    grad = model.soft_prompt.embedding.weight.grad
+    grad = model.soft_prompts["default"].embedding.weight.grad
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
@@ -216,5 +225,5 @@ def test_activation_checkpointing_gives_same_gradients(family):
     for model in (plain, checkpointed):
         model.train()
         model(**make_batch(task, [6, 4])).loss.backward()
-    torch.testing.assert_close(checkpointed.soft_prompt.embedding.weight.grad,
-                               plain.soft_prompt.embedding.weight.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(checkpointed.soft_prompts["default"].embedding.weight.grad,
+                               plain.soft_prompts["default"].embedding.weight.grad, atol=1e-6, rtol=1e-5)

@@ -28,6 +28,7 @@ from hf_softprompt.serialization import (
 
 P = 4
 ADAPTER = {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME}
+SAVED = ADAPTER | {"README.md"}  # save_soft_prompt writes a model card next to the adapter
 # (family, task, PEFT task type, encoder): the interop matrix.
 INTEROP = [
     ("gpt2", "causal_lm", "CAUSAL_LM", None),
@@ -66,8 +67,8 @@ def assert_untouched(model, before):
 def test_exact_files_and_peft_only_json(tmp_path, encoder):
     model = trained("bert", "seq_cls", encoder=encoder)
     written = save_soft_prompt(model, tmp_path)
-    assert set(os.listdir(tmp_path)) == ADAPTER
-    assert sorted(written) == sorted(str(tmp_path / n) for n in ADAPTER)
+    assert set(os.listdir(tmp_path)) == SAVED
+    assert sorted(written) == sorted(str(tmp_path / n) for n in SAVED)
 
     data = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
     peft_cls = PromptEncoderConfig if encoder else PromptTuningConfig
@@ -80,7 +81,7 @@ def test_exact_files_and_peft_only_json(tmp_path, encoder):
         prompt = f.get_tensor("prompt_embeddings")
     assert {"prompt_embeddings", "base_model.classifier.weight", "base_model.classifier.bias"} <= keys
     assert any(k.startswith("hf_softprompt.encoder.") for k in keys) == bool(encoder)
-    torch.testing.assert_close(prompt, model.soft_prompt().detach())  # the export: through the encoder
+    torch.testing.assert_close(prompt, model.soft_prompts["default"]().detach())  # the export: through the encoder
 
 
 @pytest.mark.parametrize("failing", ["weights", "config"])
@@ -89,22 +90,22 @@ def test_a_crash_while_saving_leaves_the_last_good_adapter(tmp_path, monkeypatch
 
     model = trained("gpt2", "causal_lm")
     save_soft_prompt(model, tmp_path)
-    good = {name: (tmp_path / name).read_bytes() for name in ADAPTER}
+    good = {name: (tmp_path / name).read_bytes() for name in SAVED}
     perturb_trainable(model, seed=7)  # training went on: the next save differs
 
     def crash_half_way(*args, **kwargs):
-        # save_file(tensors, path) or _write_text(path, text): the path is the str argument
+        # save_file(tensors, path) or write_text(path, text): the path is the str argument
         path = next(a for a in args if isinstance(a, str))
         with open(path, "wb") as f:
             f.write(b"half a file")
         raise KeyboardInterrupt  # a kill, not just an exception
 
-    name = {"weights": "save_file", "config": "_write_text"}[failing]
+    name = {"weights": "save_file", "config": "write_text"}[failing]
     monkeypatch.setattr(serialization, name, crash_half_way)
     with pytest.raises(KeyboardInterrupt):
         save_soft_prompt(model, tmp_path)
-    assert set(os.listdir(tmp_path)) == ADAPTER  # no temporary file left behind
-    assert {name: (tmp_path / name).read_bytes() for name in ADAPTER} == good
+    assert set(os.listdir(tmp_path)) == SAVED  # no temporary file left behind
+    assert {name: (tmp_path / name).read_bytes() for name in SAVED} == good
     monkeypatch.undo()
     save_soft_prompt(model, tmp_path)  # the next save goes through
     assert (tmp_path / ADAPTER_WEIGHTS_NAME).read_bytes() != good[ADAPTER_WEIGHTS_NAME]
@@ -114,7 +115,7 @@ def test_tokenizer_saved_next_to_adapter(tmp_path, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     expected = {os.path.basename(p) for p in tokenizer.save_pretrained(tmp_path / "tok_only")}
     save_soft_prompt(trained("gpt2", "causal_lm"), tmp_path / "a", tokenizer=tokenizer)
-    assert set(os.listdir(tmp_path / "a")) == ADAPTER | expected
+    assert set(os.listdir(tmp_path / "a")) == SAVED | expected
 
 
 def test_config_round_trip(tmp_path):
@@ -122,7 +123,7 @@ def test_config_round_trip(tmp_path):
                     placement="after_first_token", init="sample_vocab")
     save_soft_prompt(model, tmp_path)
     config, _ = read_adapter(tmp_path)
-    assert config == get_injector(model).config
+    assert config == get_injector(model).bank.configs["default"]
     assert config.placement.value == "after_first_token" and config.encoder_hidden_size == 16
 
 
@@ -136,7 +137,7 @@ def test_round_trip_same_outputs_frozen(tmp_path, family, task, encoder):
     torch.testing.assert_close(outputs(loaded, task), outputs(model, task), atol=1e-6, rtol=0)
     assert not any(p.requires_grad for p in loaded.parameters())
     # The exact training state came back too (P-tuning encoder weights, not only its output).
-    ours, theirs = model.soft_prompt.state_dict(), loaded.soft_prompt.state_dict()
+    ours, theirs = model.soft_prompts["default"].state_dict(), loaded.soft_prompts["default"].state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
@@ -145,8 +146,9 @@ def test_is_trainable_continues_training(tmp_path, encoder):
     save_soft_prompt(trained("bert", "seq_cls", encoder=encoder), tmp_path)
     model = load_soft_prompt(make_model("bert", "seq_cls"), tmp_path, is_trainable=True)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names and all(n.startswith(("soft_prompt.", "classifier.")) for n in names)
-    assert any(n.startswith("soft_prompt.encoder.") for n in names) == bool(encoder)
+    assert names and all(n.startswith(("soft_prompts.prompts.default.", "soft_prompts.heads.default.classifier."))
+                         for n in names)
+    assert any(n.startswith("soft_prompts.prompts.default.encoder.") for n in names) == bool(encoder)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     batch = make_batch("seq_cls", [6, 5, 4, 6], seed=3)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -155,7 +157,7 @@ def test_is_trainable_continues_training(tmp_path, encoder):
         loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
-        assert model.soft_prompt.embedding.weight.grad.abs().sum() > 0
+        assert model.soft_prompts["default"].embedding.weight.grad.abs().sum() > 0
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
@@ -212,7 +214,7 @@ def test_peft_bin_adapter_loads_with_weights_only(tmp_path):
     assert "adapter_model.bin" in os.listdir(tmp_path)
     ours = load_soft_prompt(make_model("gpt2", "causal_lm"), tmp_path)
     expected = peft_model.prompt_encoder["default"].embedding.weight
-    torch.testing.assert_close(ours.soft_prompt(), expected)
+    torch.testing.assert_close(ours.soft_prompts["default"](), expected)
 
 
 # ------------------------------------------------------------------ errors, before touching the model

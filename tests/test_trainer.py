@@ -29,7 +29,6 @@ from hf_softprompt import (
     remove_soft_prompt,
     save_soft_prompt,
 )
-from hf_softprompt.attach import resolve_trainable_modules
 from hf_softprompt.callbacks import prepare_model
 from hf_softprompt.inject import get_injector
 from hf_softprompt.serialization import adapter_state_dict, read_adapter
@@ -37,7 +36,7 @@ from hf_softprompt.serialization import adapter_state_dict, read_adapter
 P = 4
 PROMPT = SoftPromptConfig(num_virtual_tokens=P)
 TARGET = 7  # the learnable task: every example's target is token/class 7 (or 1, 2 for classifiers)
-ADAPTER = {"adapter_config.json", "adapter_model.safetensors"}
+ADAPTER = {"adapter_config.json", "adapter_model.safetensors", "README.md"}  # README.md: the model card
 CHECKPOINT = ADAPTER | {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                         "trainer_state.json"}
 
@@ -104,7 +103,7 @@ PATHS = {"callback": callback_trainer, "subclass": subclass_trainer}
 
 
 def base_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("soft_prompt.")}
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("soft_prompts.")}
 
 
 def losses(trainer) -> list[float]:
@@ -122,24 +121,24 @@ def test_prompt_learns_task_and_base_stays_bit_identical(tmp_path, family, task)
     model = tiny(family, task)
     before = base_state(model)
     trainer = subclass_trainer(model, training_args(tmp_path, max_steps=24), dataset(task))
-    start = model.soft_prompt.embedding.weight.detach().clone()
-    heads = resolve_trainable_modules(model, get_injector(model).config)
-    trainable = {id(p) for p in itertools.chain(model.soft_prompt.parameters(),
-                                                *(h.parameters() for h in heads))}
+    start = model.soft_prompts["default"].embedding.weight.detach().clone()
+    heads = get_injector(model).bank.head_modules("default")  # the prompt's own copies of the head
+    head_start = {k: v.clone() for h in heads.values() for k, v in h.state_dict().items()}
+    trainable = {id(p) for p in itertools.chain(model.soft_prompts["default"].parameters(),
+                                                *(h.parameters() for h in heads.values()))}
     trainer.train()
 
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert optimized == trainable  # the prompt (and the task head of classifiers), nothing else
+    assert optimized == trainable  # the prompt (and its task head of classifiers), nothing else
     assert bool(heads) == (task in ("seq_cls", "token_cls"))
     history = losses(trainer)
     assert sum(history[-4:]) / 4 < 0.85 * sum(history[:4]) / 4, history
-    assert not torch.equal(model.soft_prompt.embedding.weight, start)
-    head_keys = {f"{n}.{k}" for n, m in model.named_modules() if m in heads for k in m.state_dict()}
+    assert not torch.equal(model.soft_prompts["default"].embedding.weight, start)
     after = base_state(model)
-    for key, value in before.items():
-        if key not in head_keys:
-            assert torch.equal(after[key], value), key
-    assert all(not torch.equal(after[k], before[k]) for k in head_keys if k.endswith("weight"))
+    for key, value in before.items():  # every base weight, the base head included
+        assert torch.equal(after[key], value), key
+    head_after = {k: v for h in heads.values() for k, v in h.state_dict().items()}
+    assert all(not torch.equal(head_after[k], head_start[k]) for k in head_start if k.endswith("weight"))
 
 
 def test_callback_class_instance_and_subclass_train_the_same_prompt(tmp_path):
@@ -154,8 +153,8 @@ def test_callback_class_instance_and_subclass_train_the_same_prompt(tmp_path):
     for name, build in runs.items():
         model = tiny("llama", "causal_lm")
         build(model, training_args(tmp_path / name)).train()
-        assert model.soft_prompt.num_virtual_tokens == 20  # the default config
-        prompts[name] = model.soft_prompt.embedding.weight.detach()
+        assert model.soft_prompts["default"].num_virtual_tokens == 20  # the default config
+        prompts[name] = model.soft_prompts["default"].embedding.weight.detach()
     torch.testing.assert_close(prompts["class"], prompts["instance"], atol=0, rtol=0)
     torch.testing.assert_close(prompts["class"], prompts["subclass"], atol=0, rtol=0)
 
@@ -166,18 +165,19 @@ def test_model_that_carries_a_prompt_is_used_as_it_is(tmp_path, path, source):
     model = add_soft_prompt(tiny("llama", "causal_lm"), SoftPromptConfig(num_virtual_tokens=3))
     if source == "loaded_adapter":
         with torch.no_grad():
-            model.soft_prompt.embedding.weight.normal_()
+            model.soft_prompts["default"].embedding.weight.normal_()
         save_soft_prompt(model, tmp_path / "adapter")
         model = load_soft_prompt(tiny("llama", "causal_lm"), tmp_path / "adapter", is_trainable=True)
-    prompt, injector, start = model.soft_prompt, get_injector(model), model.soft_prompt().detach().clone()
+    prompt, injector = model.soft_prompts["default"], get_injector(model)
+    start = prompt().detach().clone()
     hooks = len(model._forward_pre_hooks)
     args, data = training_args(tmp_path, max_steps=1, optim="sgd", learning_rate=1e-9), dataset("causal_lm")
     trainer = (Trainer(model=model, args=args, train_dataset=data, callbacks=[SoftPromptCallback])
                if path == "callback" else SoftPromptTrainer(model=model, args=args, train_dataset=data))
     trainer.train()
-    assert model.soft_prompt is prompt and get_injector(model) is injector
+    assert model.soft_prompts["default"] is prompt and get_injector(model) is injector
     assert len(model._forward_pre_hooks) == hooks  # not wrapped twice
-    torch.testing.assert_close(model.soft_prompt().detach(), start, atol=1e-6, rtol=0)  # trained from it
+    torch.testing.assert_close(model.soft_prompts["default"]().detach(), start, atol=1e-6, rtol=0)  # trained from it
 
 
 def test_adapter_loaded_for_inference_evaluates_and_warns(tmp_path, caplog):
@@ -209,10 +209,10 @@ def test_checkpoints_and_saved_model_hold_only_the_adapter(tmp_path, path, encod
     assert set(os.listdir(tmp_path / "direct")) == ADAPTER
     with safe_open(str(tmp_path / "final" / "adapter_model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-    expected = {"prompt_embeddings"} | ({f"hf_softprompt.{k}" for k in model.soft_prompt.state_dict()}
+    expected = {"prompt_embeddings"} | ({f"hf_softprompt.{k}" for k in model.soft_prompts["default"].state_dict()}
                                         if encoder else set())
     assert keys == expected  # never a base weight
-    torch.testing.assert_close(exported_prompt(tmp_path / "final"), model.soft_prompt().detach(),
+    torch.testing.assert_close(exported_prompt(tmp_path / "final"), model.soft_prompts["default"]().detach(),
                                atol=0, rtol=0)
 
 
@@ -242,7 +242,7 @@ def test_resume_from_adapter_checkpoint_is_exact(tmp_path, family, task, encoder
     model = tiny(family, task)
     trainer = subclass_trainer(model, training_args(tmp_path / "resumed", **args), data, config)
     with torch.no_grad():  # the resumed prompt must come from the checkpoint, not from the seed
-        for param in model.soft_prompt.parameters():
+        for param in model.soft_prompts["default"].parameters():
             param.zero_()
     checkpoint = tmp_path / "full" / "out" / "checkpoint-3"
     if resume == "last":
@@ -280,7 +280,7 @@ def test_load_best_model_at_end_reloads_the_best_adapter(tmp_path):
     out = tmp_path / "out"
     assert trainer.state.best_model_checkpoint == str(out / "checkpoint-4")
     assert not torch.equal(exported_prompt(out / "checkpoint-4"), exported_prompt(out / "checkpoint-6"))
-    torch.testing.assert_close(model.soft_prompt().detach(), exported_prompt(out / "checkpoint-4"),
+    torch.testing.assert_close(model.soft_prompts["default"]().detach(), exported_prompt(out / "checkpoint-4"),
                                atol=0, rtol=0)
 
 
@@ -290,28 +290,32 @@ def test_load_best_model_at_end_reloads_the_best_adapter(tmp_path):
 ], ids=["best", "resume"])
 def test_stock_trainer_refuses_checkpoint_loading_at_construction(tmp_path, option):
     data, name = dataset("causal_lm"), next(iter(option))
-    with pytest.raises(ValueError, match=rf"{name}=.* needs SoftPromptTrainer.*load_soft_prompt_weights"):
+    with pytest.raises(ValueError, match=rf"{name}=.* needs SoftPromptTrainer.*load_soft_prompt\(model, "
+                                               r"checkpoint_dir, is_trainable=True\)"):
         callback_trainer(tiny("llama", "causal_lm"), training_args(tmp_path, **option), data,
                          eval_dataset=data)
 
 
 # ------------------------------------------------------------------- loss normalisation
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_num_items_in_batch_counts_every_real_target(tmp_path, family):
+def test_num_items_in_batch_counts_the_caller_s_targets(tmp_path, family):
+    # The prompt changes the context, not the targets: a causal LM predicts labels[:, 1:], as without one.
     batch = batch_of(dataset("causal_lm", n=8, ragged=True))
     assert bool((batch["labels"][:, 0] != -100).any())
-    expected = int((batch["labels"] != -100).sum())
+    expected = int((batch["labels"][:, 1:] != -100).sum())
     trainer = subclass_trainer(tiny(family, "causal_lm"), training_args(tmp_path))
     assert int(trainer._get_num_items_in_batch([batch], torch.device("cpu"))) == expected
-    # The stock Trainer skips labels[:, 0] for Llama (its loss_type shifts labels); GPT-2 has no
-    # loss_type, so it counts every label.
+    # The stock Trainer counts the same for Llama, whose loss_type says the loss shifts labels; GPT-2
+    # has no loss_type, so the stock count includes labels[:, 0], with a prompt or without.
     stock = callback_trainer(tiny(family, "causal_lm"), training_args(tmp_path))
-    skipped = int((batch["labels"][:, 0] != -100).sum()) if family == "llama" else 0
-    assert int(stock._get_num_items_in_batch([batch], torch.device("cpu"))) == expected - skipped
+    bare = Trainer(model=tiny(family, "causal_lm"), args=training_args(tmp_path))
+    got = int(stock._get_num_items_in_batch([batch], torch.device("cpu")))
+    assert got == int(bare._get_num_items_in_batch([batch], torch.device("cpu")))
+    assert got == (expected if family == "llama" else int((batch["labels"] != -100).sum()))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_gradient_accumulation_equals_one_batch_and_the_token_mean(tmp_path, family):
+@pytest.mark.parametrize("family,path", [("llama", "subclass"), ("gpt2", "subclass"), ("llama", "callback")])
+def test_gradient_accumulation_equals_one_batch_and_the_token_mean(tmp_path, family, path):
     data = dataset("causal_lm", n=8, ragged=True)
     sgd = dict(max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0)
     results = {}
@@ -319,14 +323,14 @@ def test_gradient_accumulation_equals_one_batch_and_the_token_mean(tmp_path, fam
         model = tiny(family, "causal_lm")
         args = training_args(tmp_path / name, per_device_train_batch_size=batch_size,
                              gradient_accumulation_steps=accumulation, **sgd)
-        trainer = subclass_trainer(model, args, data)
+        trainer = PATHS[path](model, args, data)
         if name == "8x1":  # reference: the model's own mean over every real target of the 8 rows
             reference = copy.deepcopy(model)
             reference(**batch_of(data)).loss.backward()
-            weight = reference.soft_prompt.embedding.weight
+            weight = reference.soft_prompts["default"].embedding.weight
             results["reference"] = (weight - weight.grad).detach()
         trainer.train()
-        results[name] = model.soft_prompt.embedding.weight.detach()
+        results[name] = model.soft_prompts["default"].embedding.weight.detach()
     torch.testing.assert_close(results["8x1"], results["reference"], atol=1e-5, rtol=0)
     torch.testing.assert_close(results["4x2"], results["reference"], atol=1e-5, rtol=0)
 
@@ -340,7 +344,7 @@ def test_label_smoothing_smooths_aligned_logits(tmp_path, family, task):
     batch = batch_of(data)
     loss = trainer.compute_loss(model, dict(batch))
 
-    logits = reference_outputs(_base(family, task), model.soft_prompt().detach(), batch, task)["logits"]
+    logits = reference_outputs(_base(family, task), model.soft_prompts["default"]().detach(), batch, task)["logits"]
     labels = batch["labels"]
     if task == "causal_lm":  # the Trainer shifts: labels[:, 0] has no logit in the caller's view
         logits, labels = logits[:, :-1], labels[:, 1:]
@@ -395,12 +399,12 @@ def test_training_options_keep_training_the_prompt(tmp_path, options):
     model = tiny("llama", "causal_lm")
     before = base_state(model)
     trainer = subclass_trainer(model, training_args(tmp_path, **options), dataset("causal_lm"))
-    start = model.soft_prompt.embedding.weight.detach().clone()
+    start = model.soft_prompts["default"].embedding.weight.detach().clone()
     trainer.train()
     assert all(torch.isfinite(torch.tensor(losses(trainer))))
-    assert not torch.equal(model.soft_prompt.embedding.weight, start)
+    assert not torch.equal(model.soft_prompts["default"].embedding.weight, start)
     assert all(torch.equal(v, before[k]) for k, v in base_state(model).items())
-    assert model.soft_prompt.embedding.weight.dtype == torch.float32
+    assert model.soft_prompts["default"].embedding.weight.dtype == torch.float32
 
 
 @pytest.mark.slow
@@ -414,7 +418,7 @@ def test_torch_compile_trains_the_prompt_as_eager_does(tmp_path):
         trainer = subclass_trainer(model, training_args(tmp_path / name, max_steps=2, **options),
                                    dataset("causal_lm"))
         trainer.train()
-        runs[name] = (losses(trainer), model.soft_prompt.embedding.weight.detach())
+        runs[name] = (losses(trainer), model.soft_prompts["default"].embedding.weight.detach())
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
     assert runs["compiled"][0] == pytest.approx(runs["eager"][0], abs=1e-5)
     torch.testing.assert_close(runs["compiled"][1], runs["eager"][1], atol=1e-5, rtol=0)
@@ -450,10 +454,11 @@ def test_trainable_count_is_logged_once_at_the_start(tmp_path, path, caplog, cap
 def test_errors_name_the_problem_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="SoftPromptCallback got no model from the Trainer"):
         prepare_model(None, None)
-    with pytest.raises(TypeError, match="SoftPromptCallback takes a SoftPromptConfig or None, got dict"):
+    with pytest.raises(TypeError, match=r"Expected a SoftPromptConfig, a non-empty dict of them by prompt "
+                                        r"name, or None; got \{'num_virtual_tokens': 8\}"):
         SoftPromptCallback({"num_virtual_tokens": 8})
     prompted = add_soft_prompt(tiny("llama", "causal_lm"), SoftPromptConfig(num_virtual_tokens=3))
-    with pytest.raises(ValueError, match=r"carries a soft prompt \(3 virtual tokens\).*remove_soft_prompt"):
+    with pytest.raises(ValueError, match=r"already carries soft prompts \['default'\].*remove_soft_prompt"):
         callback_trainer(prompted, training_args(tmp_path))
     with pytest.raises(ValueError, match="more than one prompt"):
         SoftPromptTrainer(model=tiny("llama", "causal_lm"), args=training_args(tmp_path),

@@ -17,11 +17,13 @@ from .config import SoftPromptConfig  # noqa: E402
 from .describe import describe_soft_prompt, format_nearest_tokens  # noqa: E402
 from .hub import HubError  # noqa: E402
 from .loading import load_soft_prompt  # noqa: E402
+from .metrics import PerPromptMetrics  # noqa: E402
 from .serialization import save_soft_prompt  # noqa: E402
 from .trainer import SoftPromptTrainer  # noqa: E402
 
 __all__ = [
     "HubError",
+    "PerPromptMetrics",
     "SoftPromptCallback",
     "SoftPromptConfig",
     "SoftPromptTrainer",

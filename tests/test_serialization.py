@@ -56,7 +56,7 @@ def outputs(model, task, lengths=(6, 6)):
 
 
 def assert_untouched(model, before):
-    assert get_injector(model) is None and not hasattr(model, "soft_prompt")
+    assert get_injector(model) is None and not hasattr(model, "soft_prompts")
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)

@@ -246,7 +246,9 @@ def write_atomically(writers: dict[str, Callable[[str], None]]) -> None:
             tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask
             temporary[path] = tmp
+            mode = os.stat(tmp).st_mode & 0o777
             write(tmp)
+            os.chmod(tmp, mode)  # a writer may have replaced the file with one of its own (safetensors: 0600)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         for path, tmp in temporary.items():

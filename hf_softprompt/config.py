@@ -187,8 +187,18 @@ class SoftPromptConfig:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
         if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers < 1:
             raise ValueError(f"encoder_num_layers must be >= 1, got {self.encoder_num_layers!r}.")
-        if not 0.0 <= float(self.encoder_dropout) < 1.0:
-            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}.")
+        if isinstance(self.encoder_dropout, bool) or not isinstance(self.encoder_dropout, (int, float)) or not (
+                0.0 <= self.encoder_dropout < 1.0):
+            raise ValueError(f"encoder_dropout must be a number in [0, 1), got {self.encoder_dropout!r}.")
+        self.encoder_dropout = float(self.encoder_dropout)
+        if self.encoder_dropout and not (self.encoder is EncoderType.LSTM and self.encoder_num_layers > 1):
+            where = ("an MLP encoder" if self.encoder is EncoderType.MLP else "no encoder" if self.encoder is None
+                     else "a 1-layer LSTM")
+            warnings.warn(
+                f"encoder_dropout={self.encoder_dropout} has no effect with {where}: it is the dropout between "
+                "LSTM layers. Use encoder='lstm' with encoder_num_layers >= 2, or leave encoder_dropout=0.",
+                stacklevel=3,
+            )
         if self.encoder is EncoderType.MLP and self.encoder_num_layers != MLP_NUM_LAYERS:
             warnings.warn(
                 f"encoder_num_layers={self.encoder_num_layers} is ignored for the MLP encoder: it "
@@ -226,7 +236,17 @@ class SoftPromptConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SoftPromptConfig:
         """Build a config from `to_dict()` output; unknown keys warn instead of failing."""
+        if not isinstance(data, dict):
+            raise TypeError(f"SoftPromptConfig.from_dict takes a dict, got {type(data).__name__}.")
+        if "peft_type" in data:
+            raise ValueError(
+                f"This is a PEFT adapter_config.json (peft_type={data['peft_type']!r}), not a SoftPromptConfig. "
+                "Load the adapter with load_soft_prompt(model, directory) instead."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
+        if data and not any(k in known for k in data):
+            raise ValueError(f"None of the keys {sorted(data)} is a SoftPromptConfig field; is this a soft-prompt "
+                             "config? Fields: " + ", ".join(sorted(known)) + ".")
         unknown = sorted(k for k in data if k not in known and k != "hf_softprompt_version")
         if unknown:
             warnings.warn(

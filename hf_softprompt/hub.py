@@ -153,6 +153,11 @@ def download_files(
                 raise hub_error(err, f"load {name!r} of {where} from the local cache", note) from err
             except HUB_ERRORS as err:
                 raise hub_error(err, f"download {name!r} from {where}", note) from err
+            except ValueError as err:  # huggingface_hub wraps a failed forced download in a ValueError
+                cause = err.__cause__ or err.__context__
+                if not isinstance(cause, HUB_ERRORS):
+                    raise
+                raise hub_error(cause, f"download {name!r} from {where}", note) from err
     return paths
 
 

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import HubStrategy, SaveStrategy
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
+from .adapter_format import local_adapter_files, read_adapter_files
 from .bank import DEFAULT_NAME
 from .callbacks import PromptConfigs, SoftPromptCallback, trainable_counts
 from .inject import get_injector
 from .modelcard import MODEL_CARD_NAME, build_model_card, build_prompt_set_card
-from .serialization import has_saved_prompts, load_soft_prompt_weights, push_adapter_folder
+from .serialization import (
+    has_saved_prompts,
+    load_soft_prompt_weights,
+    prompt_folder,
+    push_adapter_folder,
+    saved_prompt_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +75,15 @@ class SoftPromptTrainer(Trainer):
             callbacks.append(callback)
         callback._in_soft_prompt_trainer = True  # our overrides load adapter checkpoints and log counts
         super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        # `resume_from_checkpoint=True` picks the highest-numbered checkpoint folder, even one a crash
+        # left half written: take the newest complete one instead.
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir}).")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         # The start of every train() call, with its fresh state: the place to log what trains.
@@ -185,3 +204,30 @@ def _is_soft_prompt_callback(callback: Any) -> bool:
     if isinstance(callback, type):
         return issubclass(callback, SoftPromptCallback)
     return isinstance(callback, SoftPromptCallback)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` of `output_dir` that a save finished (its `trainer_state.json`, written
+    last, parses and its adapters read), or None. Incomplete ones are named in a warning."""
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
+             if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))
+             and os.path.isdir(os.path.join(output_dir, name))]
+    skipped = []
+    for _, name in sorted(found, reverse=True):
+        path = os.path.join(output_dir, name)
+        try:
+            with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
+                json.load(f)
+            names, _ = saved_prompt_names(path)
+            for prompt in names:
+                read_adapter_files(*local_adapter_files(os.path.join(path, prompt_folder(prompt))))
+        except (OSError, ValueError) as err:
+            skipped.append(f"{name} ({type(err).__name__}: {err})")
+            continue
+        if skipped:
+            logger.warning("Skipping incomplete checkpoints (a crash while saving?): %s.", "; ".join(skipped))
+        return path
+    return None

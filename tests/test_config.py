@@ -40,7 +40,7 @@ def test_enum_spellings():
     ({"init": "text"}, r"init='text' needs both init_text and tokenizer_name_or_path; missing init_text and"),
     ({"init": "text", "init_text": "x"}, r"missing tokenizer_name_or_path"),
     ({"tokenizer_kwargs": {"use_fast": True}}, r"tokenizer_kwargs is only used with init='text'"),
-    ({"encoder_dropout": 1.5}, r"encoder_dropout must be in \[0, 1\), got 1.5"),
+    ({"encoder_dropout": 1.5}, r"encoder_dropout must be a number in \[0, 1\), got 1.5"),
     ({"placement": "end"}, r"placement must be one of 'front', 'after_first_token'"),
     ({"trainable_modules": "score"}, r"trainable_modules must be a list of module names"),
 ])

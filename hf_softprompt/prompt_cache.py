@@ -2,11 +2,11 @@
 
 In a causal model the P virtual positions attend only to each other, so their hidden states and
 per-layer keys/values are the same for every row that uses the prompt. `SharedPromptCache` runs
-each distinct prompt of a call alone (batch size 1) and gives the call a fresh `DynamicCache`
-holding, for every row, the keys/values of its own prompt: a batch over K prompts costs about
-K·P + B·L tokens instead of B·(P+L). With one prompt the cache tensors are `expand`ed views of one
-pass; with several, rows are gathered from the K passes (shorter prompts front-padded with zero
-filler slots that the attention mask hides). The backward of `expand`/`index_select` sums each
+the distinct prompts of a call once, as one batch of K rows (shorter prompts front-padded with
+filler slots that the attention mask hides), and gives the call a fresh `DynamicCache` holding,
+for every row, the keys/values of its own prompt: a batch over K prompts costs about K·P + B·L
+tokens instead of B·(P+L). With one prompt the cache tensors are `expand`ed views of one pass;
+with several, each row's are gathered from the K rows of the pass. The backward of `expand`/`index_select` sums each
 prompt's gradient over its own rows only.
 
 The keys/values are computed anew for every call (`generate` computes them once, at its first
@@ -98,45 +98,48 @@ class SharedPromptCache:
 
         Layers grow out of place (`torch.cat`), so the cache tensors are never written to.
         """
-        per_slot = [self._run_prompt(prompt, slot, rows) for slot, prompt in enumerate(prompts)]
-        width = rows.width
         cache = DynamicCache() if into is None else into
-        for idx in range(len(per_slot[0])):
-            keys = self._rows([kv[idx][0] for kv in per_slot], rows, width)
-            values = self._rows([kv[idx][1] for kv in per_slot], rows, width)
+        for idx, (keys, values) in enumerate(self._run_prompts(prompts, rows)):
             if idx == len(cache.layers):
                 cache.layers.append(DynamicLayer())
             layer = cache.layers[idx]
             layer.dtype, layer.device = keys.dtype, keys.device
-            layer.keys, layer.values = keys, values
+            layer.keys, layer.values = self._rows(keys, rows), self._rows(values, rows)
             layer.is_initialized = True
         return cache
 
     @staticmethod
-    def _rows(per_slot: list[torch.Tensor], rows: RowPrompts, width: int) -> torch.Tensor:
-        """(B, H, width, D_head): each row's prompt, front-padded with zeros to `width`."""
+    def _rows(per_slot: torch.Tensor, rows: RowPrompts) -> torch.Tensor:
+        """(K, H, width, D_head) keys or values of the K prompts -> (B, H, width, D_head), each row its
+        own prompt's (zeros for rows without one)."""
         if rows.single_slot is not None:
-            return per_slot[0].expand(rows.batch_size, -1, -1, -1)  # views of one pass
-        first = per_slot[0]
-        padded = [torch.cat([t.new_zeros(1, t.shape[1], width - t.shape[2], t.shape[3]), t], dim=2)
-                  for t in per_slot]
-        padded.append(first.new_zeros(1, first.shape[1], width, first.shape[3]))  # rows with no prompt
-        table = torch.cat(padded)  # (K + 1, H, width, D_head)
-        return table.index_select(0, (rows.index % table.shape[0]).to(table.device))  # -1 -> last
+            return per_slot.expand(rows.batch_size, -1, -1, -1)  # views of one pass
+        table = torch.cat([per_slot, per_slot.new_zeros(1, *per_slot.shape[1:])])  # + rows with no prompt
+        return table.index_select(0, (rows.index % table.shape[0]).to(table.device))  # -1 -> the zeros
 
-    def _run_prompt(self, prompt: torch.Tensor, slot: int, rows: RowPrompts) -> _KeyValues:
-        """One pass of the base model over one prompt alone: (1, n, D) -> per-layer keys/values."""
-        num = prompt.shape[0]
+    def _run_prompts(self, prompts: Sequence[torch.Tensor], rows: RowPrompts) -> _KeyValues:
+        """One pass of the base model over the K prompts alone, as a batch of K rows front-padded to
+        the longest: per-layer (K, H_kv, width, D_head) keys/values, zero at the filler slots."""
+        width = rows.width
+        device = prompts[0].device
+        lengths = torch.tensor([p.shape[0] for p in prompts], device=device)
+        mask = (torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)).long()  # (K, w)
+        embeds = torch.stack([torch.cat([p.new_zeros(width - p.shape[0], p.shape[1]), p]) for p in prompts])
         cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
         # A feature-extraction model is its own base model and carries the injection: call its class's
-        # forward. Modules the prompt owns see a call of one row, its own.
+        # forward. Modules a prompt owns see a call of K rows, one per prompt.
         run = (lambda **kw: type(self.base).forward(self.base, **kw)) if self.base is self.model else self.base
-        single = RowPrompts((rows.slots[slot],), (num,), torch.zeros(1, dtype=torch.long, device=prompt.device))
-        with rows_in_use(single):
-            run(inputs_embeds=prompt.unsqueeze(0), attention_mask=None, use_cache=True,
-                position_ids=torch.arange(num, device=prompt.device).unsqueeze(0),
-                return_dict=True, **{self._base_cache_key: cache})
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        own_rows = RowPrompts(rows.slots, rows.lengths, torch.arange(len(prompts), device=device))
+        padded = bool((mask == 0).any())
+        with rows_in_use(own_rows):
+            run(inputs_embeds=embeds, attention_mask=mask if padded else None, use_cache=True,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), return_dict=True,
+                **{self._base_cache_key: cache})
+        keep = mask.view(len(prompts), 1, width, 1).bool()
+        if not padded:
+            return [(layer.keys, layer.values) for layer in cache.layers]
+        # Filler slots are masked for every real token; zero them so no stray value can leak.
+        return [(layer.keys.masked_fill(~keep, 0), layer.values.masked_fill(~keep, 0)) for layer in cache.layers]
 
 
 def model_reason(model: nn.Module, base: nn.Module, enabled: bool = True, front: bool = True) -> str | None:

@@ -149,10 +149,10 @@ def test_shared_cache_runs_each_distinct_prompt_once():
     _, model = multi("llama", "causal_lm")
     shared = get_injector(model).shared
     seen = []
-    run = shared._run_prompt
-    shared._run_prompt = lambda prompt, slot, rows: seen.append(prompt.shape[0]) or run(prompt, slot, rows)
+    run = shared._run_prompts
+    shared._run_prompts = lambda prompts, rows: seen.append([p.shape[0] for p in prompts]) or run(prompts, rows)
     model(**make_batch("causal_lm", [3] * 16), soft_prompt_names=(ROWS * 4)[:16])
-    assert sorted(seen) == [2, 3, 4]  # K=3 prompt passes for 16 rows, not 16
+    assert seen == [[4, 2, 3]]  # one pass over the K=3 distinct prompts for 16 rows, not 16 rows
 
 
 # ------------------------------------------------------------------ generate

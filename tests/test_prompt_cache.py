@@ -37,7 +37,7 @@ def pair(family, task="causal_lm", base=None, **config):
 def count_prompt_passes(model):
     """Patch the prompt pass of `model` to count its calls (the mock's `call_count`)."""
     shared = get_injector(model).shared
-    return mock.patch.object(shared, "_run_prompt", wraps=shared._run_prompt)
+    return mock.patch.object(shared, "_run_prompts", wraps=shared._run_prompts)
 
 
 def real(t, mask):

@@ -8,6 +8,7 @@ injection of `inject.py`, which needs no help from the Trainer.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping
@@ -15,10 +16,13 @@ from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
 
 from .attach import add_soft_prompt, remove_soft_prompt
 from .bank import DEFAULT_NAME
 from .config import SoftPromptConfig
+from .describe import describe_soft_prompt, format_nearest_tokens
+from .health import PromptHealth
 from .inject import get_injector
 from .serialization import save_soft_prompt
 
@@ -52,10 +56,17 @@ class SoftPromptCallback(TrainerCallback):
     fails inside the Trainer, "Can't find a checkpoint index"), and the trainable-parameter count
     in the log history (the callback prints it once at the start, and logs it at INFO).
 
+    Prompt health: every `logging_steps` the training logs (and so every `report_to` logger) get,
+    per prompt, `soft_prompt/<name>/grad_norm`, `.../norm_ratio` (its mean token norm over the
+    vocabulary's) and `.../cosine_to_init` (see `hf_softprompt.health`); at each evaluation the
+    vocabulary tokens nearest to each virtual token are logged as text (INFO, logger
+    `hf_softprompt.callbacks`) and kept in `callback.nearest_tokens`.
+
     Args:
         config (`SoftPromptConfig` or `dict[str, SoftPromptConfig]`, *optional*): the prompt to add
             (named `"default"`), or several by name. Defaults to `SoftPromptConfig()` (20 randomly
             initialised virtual tokens). Leave it out to train the prompts the model already carries.
+        log_prompt_health (`bool`, defaults to True): add the prompt-health figures to the logs.
 
     Example:
         ```python
@@ -66,8 +77,11 @@ class SoftPromptCallback(TrainerCallback):
         ```
     """
 
-    def __init__(self, config: PromptConfigs | None = None) -> None:
+    def __init__(self, config: PromptConfigs | None = None, log_prompt_health: bool = True) -> None:
         self.config = check_prompt_configs(config)
+        self.log_prompt_health = log_prompt_health
+        self.health = PromptHealth()
+        self.nearest_tokens: dict[str, str] = {}  # prompt name -> table, from the last evaluation
         # Set by SoftPromptTrainer, whose overrides load adapter checkpoints and which logs the
         # trainable-parameter count through Trainer.log.
         self._in_soft_prompt_trainer = False
@@ -90,6 +104,8 @@ class SoftPromptCallback(TrainerCallback):
                     "load_soft_prompt(model, checkpoint_dir, is_trainable=True) before building the Trainer."
                 )
         prepare_model(model, self.config)
+        if not self._in_soft_prompt_trainer:  # SoftPromptTrainer puts us first itself
+            put_first(self, calling_handler(self))
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -109,6 +125,68 @@ class SoftPromptCallback(TrainerCallback):
                 # A callback cannot reach the stock Trainer's logs: print the count once, as PEFT's
                 # print_trainable_parameters() does (SoftPromptTrainer puts it in the logs instead).
                 print(summary)
+        if self.log_prompt_health:
+            self.health.start(get_injector(model).bank)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        model: nn.Module | None = None, **kwargs: Any,
+    ) -> None:
+        # The last event with the step's gradients (already clipped: what the optimizer applies).
+        if self.log_prompt_health and get_injector(model) is not None:
+            self.health.record_gradients(get_injector(model).bank)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        model: nn.Module | None = None, logs: dict[str, float] | None = None, **kwargs: Any,
+    ) -> None:
+        # Training logs only (they carry "loss"; evaluation logs carry "eval_loss"). We run before the
+        # report_to loggers (see put_first), so what we add reaches them; the log history got its
+        # copy of `logs` before this event, so it is updated too.
+        if not self.log_prompt_health or logs is None or "loss" not in logs or get_injector(model) is None:
+            return
+        figures = self.health.metrics(get_injector(model).bank, model.get_input_embeddings())
+        logs.update(figures)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step \
+                and "loss" in state.log_history[-1]:
+            state.log_history[-1].update(figures)
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        model: nn.Module | None = None, processing_class: Any = None, **kwargs: Any,
+    ) -> None:
+        tokenizer = processing_class if hasattr(processing_class, "convert_ids_to_tokens") else \
+            getattr(processing_class, "tokenizer", None)
+        if not self.log_prompt_health or tokenizer is None or get_injector(model) is None \
+                or not state.is_world_process_zero:
+            return
+        for name in get_injector(model).bank:
+            table = format_nearest_tokens(describe_soft_prompt(model, tokenizer, k=5, name=name))
+            self.nearest_tokens[name] = table
+            logger.info("Step %d, prompt %r: nearest vocabulary tokens\n%s", state.global_step, name, table)
+
+
+def calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
+    """The `CallbackHandler` dispatching the current event to `callback` (a callback is not told which
+    handler holds it), found on the call stack; None when called some other way."""
+    frame = inspect.currentframe()
+    for _ in range(8):  # call_event is two or three frames up
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler) and callback in owner.callbacks:
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def put_first(callback: TrainerCallback, handler: CallbackHandler | None) -> None:
+    """Move `callback` to the front of `handler`'s callbacks, so the figures its `on_log` adds reach
+    the `report_to` loggers (the Trainer puts user callbacks after them). Safe during `call_event`'s
+    loop: the callbacks after ours keep their places relative to the loop."""
+    if handler is not None and callback in handler.callbacks:
+        handler.callbacks.remove(callback)
+        handler.callbacks.insert(0, callback)
 
 
 def check_prompt_configs(config: PromptConfigs | None) -> dict[str, SoftPromptConfig] | None:

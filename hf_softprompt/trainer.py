@@ -17,7 +17,7 @@ from transformers.utils import PushInProgress
 
 from .adapter_format import local_adapter_files, read_adapter_files
 from .bank import DEFAULT_NAME
-from .callbacks import PromptConfigs, SoftPromptCallback, trainable_counts
+from .callbacks import PromptConfigs, SoftPromptCallback, put_first, trainable_counts
 from .inject import get_injector
 from .modelcard import MODEL_CARD_NAME, build_model_card, build_prompt_set_card
 from .serialization import (
@@ -75,6 +75,7 @@ class SoftPromptTrainer(Trainer):
             callbacks.append(callback)
         callback._in_soft_prompt_trainer = True  # our overrides load adapter checkpoints and log counts
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        put_first(callback, self.callback_handler)  # its prompt-health figures reach the report_to loggers
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         # `resume_from_checkpoint=True` picks the highest-numbered checkpoint folder, even one a crash

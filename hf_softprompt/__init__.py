@@ -19,13 +19,15 @@ from .hub import HubError  # noqa: E402
 from .loading import load_soft_prompt  # noqa: E402
 from .metrics import PerPromptMetrics  # noqa: E402
 from .serialization import save_soft_prompt  # noqa: E402
-from .trainer import SoftPromptTrainer  # noqa: E402
+from .trainer import SoftPromptMixin, SoftPromptSeq2SeqTrainer, SoftPromptTrainer  # noqa: E402
 
 __all__ = [
     "HubError",
     "PerPromptMetrics",
     "SoftPromptCallback",
     "SoftPromptConfig",
+    "SoftPromptMixin",
+    "SoftPromptSeq2SeqTrainer",
     "SoftPromptTrainer",
     "__version__",
     "add_soft_prompt",

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
@@ -31,14 +31,16 @@ from .serialization import (
 logger = logging.getLogger(__name__)
 
 
-class SoftPromptTrainer(Trainer):
-    """A `Trainer` that trains a soft prompt and checkpoints it as an adapter.
+class SoftPromptMixin:
+    """The soft-prompt behaviour of [`SoftPromptTrainer`], for any `Trainer` subclass.
 
-    The prompts are set up by the same [`SoftPromptCallback`] the stock `Trainer` takes; on top of
-    it this class resumes from adapter-only checkpoints (every prompt, P-tuning encoder, task
-    head, optimizer, scheduler and RNG), reloads the best adapters with
-    `load_best_model_at_end=True`, puts the trainable-parameter count in the log history at the
-    start of training, and pushes only the adapter files and soft-prompt model cards to the Hub
+    Put it first among the bases: `class MyTrainer(SoftPromptMixin, SomeTrainer)`. The prompts are
+    set up by the same [`SoftPromptCallback`] the stock `Trainer` takes; on top of it the mixin
+    resumes from adapter-only checkpoints (every prompt, P-tuning encoder, task head, optimizer,
+    scheduler and RNG), reloads the best adapters with `load_best_model_at_end=True`, counts a
+    causal LM's target tokens as its loss does (`labels[:, 1:]`, also for models such as GPT-2 that
+    declare no `loss_type`), puts the trainable-parameter count in the log history at the start of
+    training, and pushes only the adapter files and soft-prompt model cards to the Hub
     (`push_to_hub()` and every `hub_strategy`).
 
     Args:
@@ -46,14 +48,14 @@ class SoftPromptTrainer(Trainer):
             only): the prompt to add, or several by name (rows choose theirs with a
             `soft_prompt_ids` column). Defaults to 20 random virtual tokens; leave it out to train
             the prompts the model already carries.
-        *args, **kwargs: passed to `transformers.Trainer`.
+        *args, **kwargs: passed to the other base's `__init__`.
 
     Example:
         ```python
-        trainer = SoftPromptTrainer(model=model, args=args, train_dataset=ds,
-                                    soft_prompt_config=SoftPromptConfig(num_virtual_tokens=8))
-        trainer.train()
-        trainer.save_model("out")
+        from trl import SFTTrainer
+
+        class SoftPromptSFTTrainer(SoftPromptMixin, SFTTrainer):
+            pass
         ```
     """
 
@@ -62,7 +64,7 @@ class SoftPromptTrainer(Trainer):
         ours = [i for i, cb in enumerate(callbacks) if _is_soft_prompt_callback(cb)]
         if len(ours) > 1 or (ours and soft_prompt_config is not None):
             raise ValueError(
-                "SoftPromptTrainer got more than one prompt: soft_prompt_config="
+                f"{type(self).__name__} got more than one prompt: soft_prompt_config="
                 f"{soft_prompt_config!r} and {len(ours)} SoftPromptCallback(s) in callbacks. Pass the "
                 "config once, either as soft_prompt_config=... or in one SoftPromptCallback."
             )
@@ -199,6 +201,34 @@ class SoftPromptTrainer(Trainer):
             self.push_in_progress = PushInProgress([job])
         else:
             self.push_in_progress.jobs.append(job)
+
+
+class SoftPromptTrainer(SoftPromptMixin, Trainer):
+    """A `Trainer` that trains a soft prompt and checkpoints it as an adapter ([`SoftPromptMixin`]).
+
+    Example:
+        ```python
+        trainer = SoftPromptTrainer(model=model, args=args, train_dataset=ds,
+                                    soft_prompt_config=SoftPromptConfig(num_virtual_tokens=8))
+        trainer.train()
+        trainer.save_model("out")
+        ```
+    """
+
+
+class SoftPromptSeq2SeqTrainer(SoftPromptMixin, Seq2SeqTrainer):
+    """A `Seq2SeqTrainer` that trains a soft prompt ([`SoftPromptMixin`]): with
+    `Seq2SeqTrainingArguments(predict_with_generate=True)`, `evaluate()` and `predict()` return
+    the ids that the prompted model's `generate()` produced (`generation_max_length`,
+    `generation_num_beams`), as transformers' `run_summarization.py` expects.
+
+    Example:
+        ```python
+        args = Seq2SeqTrainingArguments("out", predict_with_generate=True, generation_max_length=32)
+        trainer = SoftPromptSeq2SeqTrainer(model=t5, args=args, train_dataset=ds, eval_dataset=dev,
+                                           compute_metrics=rouge, soft_prompt_config=config)
+        ```
+    """
 
 
 def _is_soft_prompt_callback(callback: Any) -> bool:

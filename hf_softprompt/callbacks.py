@@ -118,6 +118,7 @@ class SoftPromptCallback(TrainerCallback):
                 "the Trainer builds a new model inside train(). Call add_soft_prompt(model, config) "
                 "at the end of your model_init function."
             )
+        get_injector(model).ensure_outermost()  # over a forward the trainer replaced since (TRL)
         if state.is_world_process_zero:
             summary = describe_trainable(model)
             logger.info(summary)

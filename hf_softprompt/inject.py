@@ -144,6 +144,8 @@ class SoftPromptInjector:
         cache = kwargs.get(self.cache_key)
         past = _cache_length(cache)
         mask = kwargs.get("attention_mask")
+        if self.decoder_only and width and not past:
+            _refuse_packed_rows(kwargs, mask)
         if mask is not None and mask.dim() != 2:
             raise ValueError(
                 f"A soft-prompted model needs a 2-D (batch, length) attention_mask, got shape "
@@ -226,7 +228,8 @@ class SoftPromptInjector:
         keep = kwargs.get("logits_to_keep")
         keeps_real_only = (  # a causal LM asked for logits at the L real positions only
             self.spec.shifts_labels and in_sequence and "logits_to_keep" in self._target_accepts
-            and (keep is None or (isinstance(keep, int) and keep == 0)))
+            and (keep is None or (isinstance(keep, int) and keep == 0))
+            and not any(kwargs.get(flag) for flag in FULL_SEQUENCE_LOSS_FLAGS))
         if keeps_real_only:
             kwargs["logits_to_keep"] = length  # no LM head over virtual positions; labels stay (B, L)
         for key in self.spec.per_position_labels:
@@ -331,6 +334,19 @@ class SoftPromptInjector:
         return x
 
     # ------------------------------------------------------------ install/remove
+    def ensure_outermost(self) -> None:
+        """Wrap the model's `forward` again if another library replaced it after us.
+
+        TRL's trainers replace `model.forward` with a fused-LM-head forward that, for its loss, calls
+        the backbone directly, so a prompt injected by the `forward` it replaced would never be seen.
+        Wrapped again, our `forward` rewrites the inputs first; the older wrapper inside passes the
+        prepared call through (one injection per call).
+        """
+        current = self.model.__dict__.get("forward")
+        if not self.installed or (isinstance(current, MethodWrapper) and current.injector is self):
+            return
+        self._patch(self.model, "forward", Seq2SeqForward if self.encoder_decoder else PromptedForward)
+
     def _patch(self, module: nn.Module, attribute: str, wrapper_cls: type) -> None:
         previous = module.__dict__.get(attribute)  # e.g. accelerate's wrapped forward
         inner = previous if previous is not None else getattr(type(module), attribute).__get__(module)
@@ -381,6 +397,30 @@ def get_injector(model: nn.Module) -> SoftPromptInjector | None:
 
 
 # -------------------------------------------------------------------- helpers
+# Forward flags of other libraries under which the loss reads the hidden state of every position
+# and ignores `logits_to_keep` (TRL's fused LM head): labels must then cover the virtual positions.
+FULL_SEQUENCE_LOSS_FLAGS = ("fused_lm_head",)
+# Inputs that describe several sequences packed into one row (flash-attention varlen, TRL padding-free).
+PACKED_SEQUENCE_ARGUMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _refuse_packed_rows(kwargs: dict, mask: torch.Tensor | None) -> None:
+    """Refuse a batch of packed sequences: one prompt in front of a row would be seen by every
+    sequence packed into it, and each sequence needs its own (PEFT has the same limit)."""
+    packed = [key for key in PACKED_SEQUENCE_ARGUMENTS if kwargs.get(key) is not None]
+    positions = kwargs.get("position_ids")
+    if not packed and mask is None and isinstance(positions, torch.Tensor) and positions.shape[-1] > 1:
+        if bool((positions[..., 1:] < positions[..., :-1]).any()):  # positions restart inside a row
+            packed = ["position_ids restarting inside a row"]
+    if packed:
+        raise ValueError(
+            f"This batch packs several sequences into one row ({', '.join(packed)}), which a soft prompt "
+            "cannot serve: one prompt in front of the row would be shared by every sequence in it. Train "
+            "without packing (TRL: SFTConfig(packing=False, padding_free=False)); padded batches give each "
+            "sequence its own prompt."
+        )
+
+
 def _cache_length(cache: Any) -> int:
     if cache is None:
         return 0

@@ -9,6 +9,7 @@ per-call state is local to the call.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
     from .inject import SoftPromptInjector
 
 CHOICE_ARGUMENTS = ("soft_prompt_names", "soft_prompt_ids")  # per-row prompt choice, popped by us
+# The injector whose `forward` call is running in this thread/task: a `forward` wrapper of the same
+# injector reached inside it (another library's forward sits between two of ours) passes the
+# already prepared call through.
+_RUNNING: contextvars.ContextVar[Any] = contextvars.ContextVar("soft_prompt_forward_running", default=None)
 
 
 class MethodWrapper:
@@ -74,14 +79,18 @@ class PromptedForward(MethodWrapper):
         self.__signature__ = _with_choice_arguments(self.__signature__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.active:
+        if not self.active or _RUNNING.get() is self.injector:
             return self.inner(*args, **{k: v for k, v in kwargs.items() if k not in CHOICE_ARGUMENTS})
         kwargs = self.as_kwargs(args, kwargs)
         found = _batch_and_device(kwargs)
         if found is None:
             raise ValueError("A soft-prompted model needs input_ids, inputs_embeds (or, for seq2seq, "
                              "encoder_outputs), got none.")
-        return self.run(kwargs, self.injector.rows_for_call(*found, kwargs))
+        token = _RUNNING.set(self.injector)
+        try:
+            return self.run(kwargs, self.injector.rows_for_call(*found, kwargs))
+        finally:
+            _RUNNING.reset(token)
 
     def run(self, kwargs: dict, rows: RowPrompts) -> Any:
         kwargs, state = self.injector.prepare_inputs(kwargs, rows)

@@ -95,6 +95,14 @@ class SoftPromptMixin:
             self.log(trainable_counts(self.model))
         return optimizer
 
+    def compute_loss(self, model: nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> Any:
+        # A trainer may replace the model's forward after our setup (TRL's fused LM head does, in its
+        # __init__): wrap it again so every call, evaluation included, carries the prompt.
+        injector = get_injector(self.model)
+        if injector is not None:
+            injector.ensure_outermost()
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
         # Count what the model's loss counts. A causal LM predicts labels[:, 1:] (with a prompt as
         # without), but the Trainer knows that only from `loss_type` (Llama has it; GPT-2 has none, so

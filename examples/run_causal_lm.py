@@ -36,6 +36,7 @@ from utils import (
     GenerationArguments,
     ModelArguments,
     drop_nominal_gguf_quantizer,
+    encode_with_answers,
     format_inputs,
     load_kwargs,
     load_raw_datasets,
@@ -98,18 +99,8 @@ def main() -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        # The input as generate() will see it (same call, same truncation), then the answer + eos.
-        inputs = tokenizer(format_inputs(data_args, batch[data_args.text_column]), truncation=True,
-                           max_length=data_args.max_length)["input_ids"]
-        answers = tokenizer([f" {label}" for label in batch[data_args.label_column]],
-                            add_special_tokens=False)["input_ids"]
-        encoded: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
-        for source, answer in zip(inputs, answers, strict=True):
-            answer = answer + [tokenizer.eos_token_id]
-            encoded["input_ids"].append(source + answer)
-            encoded["attention_mask"].append([1] * (len(source) + len(answer)))
-            encoded["labels"].append([-100] * len(source) + answer)  # -100: the loss covers the answer only
-        return encoded
+        return encode_with_answers(tokenizer, format_inputs(data_args, batch[data_args.text_column]),
+                                   [str(label) for label in batch[data_args.label_column]], data_args.max_length)
 
     with training_args.main_process_first(desc="tokenizing"):
         train_dataset = raw["train"].map(tokenize, batched=True, remove_columns=raw["train"].column_names)

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from hf_softprompt import describe_soft_prompt, format_nearest_tokens
+from hf_softprompt import describe_soft_prompt, format_nearest_tokens, soft_prompt_names
 
 logger = logging.getLogger(__name__)
 
@@ -293,17 +293,40 @@ def make_tiny_model(family: str, texts: Sequence[str], save_directory: str | os.
     return os.fspath(save_directory)
 
 
+def encode_with_answers(
+    tokenizer: Any, inputs: Sequence[str], answers: Sequence[str], max_length: int
+) -> dict[str, list]:
+    """Causal-LM training rows `<input> <answer><eos>` whose labels cover the answer only.
+
+    The input is tokenized as `generate_answers` will see it (same call, same truncation), so
+    training and evaluation agree; the answer follows it with a leading space.
+    """
+    sources = tokenizer(list(inputs), truncation=True, max_length=max_length)["input_ids"]
+    targets = tokenizer([f" {answer}" for answer in answers], add_special_tokens=False)["input_ids"]
+    encoded: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for source, target in zip(sources, targets, strict=True):
+        target = target + [tokenizer.eos_token_id]
+        encoded["input_ids"].append(source + target)
+        encoded["attention_mask"].append([1] * (len(source) + len(target)))
+        encoded["labels"].append([-100] * len(source) + target)  # -100: the loss covers the answer only
+    return encoded
+
+
 # ------------------------------------------------------------------------ generation
 @torch.no_grad()
 def generate_answers(
     model: PreTrainedModel, tokenizer: Any, inputs: Sequence[str], *, max_length: int,
-    max_new_tokens: int, batch_size: int,
+    max_new_tokens: int, batch_size: int, soft_prompt_names: Sequence[str | None] | None = None,
 ) -> list[str]:
     """Greedy `generate()` answers to `inputs`, decoded and cut at the first line break.
 
     Decoder-only models are left-padded and only the new tokens are decoded. Inputs are tokenized
-    exactly as in training (same call, same truncation).
+    exactly as in training (same call, same truncation). `soft_prompt_names` (one per input: a
+    prompt name, or None for the bare model) chooses each row's prompt, so one batch can mix tasks.
     """
+    if soft_prompt_names is not None and len(soft_prompt_names) != len(inputs):
+        raise ValueError(f"soft_prompt_names has {len(soft_prompt_names)} entries for {len(inputs)} inputs; "
+                         "give one per input.")
     model.eval()
     decoder_only = not model.config.is_encoder_decoder
     padding_side = tokenizer.padding_side
@@ -313,8 +336,10 @@ def generate_answers(
         for start in range(0, len(inputs), batch_size):
             batch = tokenizer(list(inputs[start:start + batch_size]), truncation=True, max_length=max_length,
                               padding=True, return_tensors="pt").to(model.device)
+            routing = {} if soft_prompt_names is None else {
+                "soft_prompt_names": list(soft_prompt_names[start:start + batch_size])}
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                    pad_token_id=tokenizer.pad_token_id)
+                                    pad_token_id=tokenizer.pad_token_id, **routing)
             if decoder_only:
                 output = output[:, batch["input_ids"].shape[1]:]  # (B, new tokens)
             for text in tokenizer.batch_decode(output, skip_special_tokens=True):
@@ -406,3 +431,80 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                         datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)],
                         level=level)
+
+
+def scores_table(scores: dict[str, dict[str, float]], columns: Sequence[str]) -> str:
+    """A Markdown table of exact match (%) with one row per task, one column per condition."""
+    present = [c for c in columns if c in scores]
+    rows = ["| task | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
+    for task in next(iter(scores.values())):
+        cells = [f"{100 * scores[c][task]:.1f}" if task in scores[c] else "" for c in present]
+        rows.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def write_multi_prompt_report(output_dir: str, model: PreTrainedModel, tokenizer: Any, results: dict[str, Any],
+                              log_history: Sequence[dict[str, Any]], k: int = 5) -> None:
+    """`results.json`, `nearest_tokens.txt` (a section per prompt) and `learning_curve.png` in
+    `output_dir`; prints the per-task score table and the nearest tokens.
+
+    `results["exact_match"]` maps each condition (zero-shot, k-shot, ...) to per-task scores.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    results_path = os.path.join(output_dir, "results.json")
+    with open(results_path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
+    sections = [f"prompt {name!r}\n{format_nearest_tokens(describe_soft_prompt(model, tokenizer, k=k, name=name))}"
+                for name in soft_prompt_names(model)]
+    nearest_path = os.path.join(output_dir, "nearest_tokens.txt")
+    with open(nearest_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(sections))
+    print("\nHeld-out exact match per task (%), rows of all tasks mixed in every batch:\n")
+    print(scores_table(results["exact_match"], ["zero-shot", "k-shot", "prompt before", "prompt after", "alone"]))
+    print("Nearest vocabulary tokens of each learned virtual token (Lester et al. 2021, §7):\n")
+    print("\n".join(sections))
+    plot = plot_learning_curve(log_history, os.path.join(output_dir, "learning_curve.png"))
+    print(f"Wrote {results_path}, {nearest_path}{', ' + plot if plot else ''} and the prompts in {output_dir}.")
+
+
+def plot_learning_curve(log_history: Sequence[dict[str, Any]], path: str) -> str | None:
+    """Plot the Trainer's log history into `path`: training loss, held-out scores per evaluation, and
+    each prompt's norm relative to the vocabulary's (`soft_prompt/<name>/norm_ratio`, the prompt-health
+    log). Returns `path`, or None (with a log line) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed (pip install matplotlib): no learning_curve.png.")
+        return None
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
+        return [s for s, _ in points], [v for _, v in points]
+
+    skip = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch"}
+    eval_keys = sorted({key for entry in log_history for key in entry if key.startswith("eval_") and key not in skip})
+    norm_keys = sorted({key for entry in log_history for key in entry if key.endswith("/norm_ratio")})
+    panels = [("training loss", ["loss"]), ("held-out (per evaluation)", eval_keys),
+              ("prompt norm / vocabulary norm", norm_keys)]
+    panels = [(title, keys) for title, keys in panels if any(series(key)[0] for key in keys)]
+    if not panels:
+        logger.info("The log history holds nothing to plot: no learning_curve.png.")
+        return None
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for axis, (title, keys) in zip(axes[0], panels, strict=True):
+        for key in keys:
+            steps, values = series(key)
+            axis.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3,
+                      label=key.removeprefix("soft_prompt/").removesuffix("/norm_ratio"))
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        if len(keys) > 1 or keys != ["loss"]:
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

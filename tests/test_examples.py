@@ -122,3 +122,44 @@ def test_run_seq2seq_tiny(tmp_path):
     result = run_example("run_seq2seq.py", tmp_path, "--tiny")
     results = check_outputs(tmp_path, result.stdout, "exact_match")
     assert results["samples"][0]["reference"] in {"sports", "business", "science", "politics"}
+
+
+@pytest.mark.slow
+def test_run_multitask_tiny(tmp_path):
+    result = run_example("run_multitask.py", tmp_path, "--tiny", "--eval_steps", "1")
+    tasks = ["sentiment", "topics", "complaints"]
+    assert json.loads((tmp_path / "soft_prompts.json").read_text())["prompts"] == tasks
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["eval_examples"] == {task: 8 for task in tasks}
+    for condition in ("zero-shot", "k-shot", "prompt before", "prompt after"):
+        assert set(results["exact_match"][condition]) == {*tasks, "all"}
+        assert all(0.0 <= v <= 1.0 for v in results["exact_match"][condition].values())
+    assert "| task | zero-shot | k-shot | prompt before | prompt after |" in result.stdout
+    assert {sample["task"] for sample in results["samples"]} <= set(tasks)
+    assert (tmp_path / "learning_curve.png").stat().st_size > 0  # matplotlib is in the examples extra
+    sections = (tmp_path / "nearest_tokens.txt").read_text().split("\n\n")
+    assert [s.splitlines()[0] for s in sections if s.strip()] == [f"prompt {t!r}" for t in tasks]
+
+    # Each task's folder loads on its own, under its name, onto the base model; a mixed batch
+    # through the loaded prompts gives each row what that row gives alone.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-model")
+    for task in tasks:
+        load_soft_prompt(model, tmp_path / task, name=task)
+        saved = load_file(tmp_path / task / "adapter_model.safetensors")["prompt_embeddings"]
+        assert torch.equal(model.soft_prompts[task]().detach(), saved)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10], [5, 9, 7]])
+    with torch.no_grad():
+        mixed = model(input_ids=ids, soft_prompt_names=tasks).logits
+        alone = [model(input_ids=ids[i:i + 1], soft_prompt_names=[t]).logits for i, t in enumerate(tasks)]
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_run_multitask_rejects_an_unknown_task(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(EXAMPLES / "run_multitask.py"), "--tiny", "--output_dir", str(tmp_path),
+               "--tasks", "sentiment", "weather"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "--tasks must name one or more of ['sentiment', 'topics', 'complaints'], got ['sentiment', 'weather']" \
+        in result.stderr

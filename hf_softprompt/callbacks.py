@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 
 from .attach import add_soft_prompt, remove_soft_prompt
@@ -25,6 +25,7 @@ from .describe import describe_soft_prompt, format_nearest_tokens
 from .health import PromptHealth
 from .inject import get_injector
 from .serialization import save_soft_prompt
+from .trainer_hooks import adopt_trainer_hooks
 
 PromptConfigs = SoftPromptConfig | Mapping[str, SoftPromptConfig]
 
@@ -49,12 +50,14 @@ class SoftPromptCallback(TrainerCallback):
     The loss is the mean over the caller's target tokens, as without a prompt, so the Trainer's
     own count of target tokens (gradient accumulation, DDP) is right as it is.
 
-    What only [`SoftPromptTrainer`] does, because a callback cannot reach those parts of the
-    Trainer: resuming from an adapter-only checkpoint and `load_best_model_at_end=True` (the stock
-    Trainer loads checkpoints as base weights before any callback event: both are refused here at
-    construction when set in the training arguments, and `trainer.train(resume_from_checkpoint=...)`
-    fails inside the Trainer, "Can't find a checkpoint index"), and the trainable-parameter count
-    in the log history (the callback prints it once at the start, and logs it at INFO).
+    Checkpoints: the callback gives the Trainer it belongs to the adapter-checkpoint loaders of
+    [`SoftPromptTrainer`], so `trainer.train(resume_from_checkpoint=...)` resumes exactly (prompts,
+    encoders, heads, optimizer, scheduler, RNG) and `load_best_model_at_end=True` reloads the best
+    adapters, with the stock `Trainer` too. What only `SoftPromptTrainer` does: the
+    trainable-parameter count in the log history (the callback prints it once at the start, and
+    logs it at INFO), `resume_from_checkpoint=True` skipping a checkpoint a crash left half
+    written, and pushes of the adapter alone. The callback also gives the Trainer the target-token
+    count of [`SoftPromptTrainer`] (`labels[:, 1:]` for causal LMs, also GPT-2's).
 
     Prompt health: every `logging_steps` the training logs (and so every `report_to` logger) get,
     per prompt, `soft_prompt/<name>/grad_norm`, `.../norm_ratio` (its mean token norm over the
@@ -91,9 +94,14 @@ class SoftPromptCallback(TrainerCallback):
         model: nn.Module | None = None, **kwargs: Any,
     ) -> None:
         # Now, not at on_train_begin: by then `train()` has built the optimizer without the prompt.
-        if not self._in_soft_prompt_trainer:
-            # The stock Trainer loads checkpoints as base-model weights, before any callback event:
-            # refuse now what would fail later (resume_from_checkpoint is what scripts pass to train()).
+        trainer = None if self._in_soft_prompt_trainer else calling_trainer(self)
+        if trainer is not None:
+            # The stock Trainer loads checkpoints as base-model weights, before any callback event,
+            # and miscounts GPT-2's targets: give it SoftPromptMixin's methods for both.
+            adopt_trainer_hooks(trainer)
+            put_first(self, trainer.callback_handler)  # SoftPromptTrainer puts us first itself
+        elif not self._in_soft_prompt_trainer:
+            # No Trainer found to teach: refuse now what would fail later.
             wanted = [n for n in ("load_best_model_at_end", "resume_from_checkpoint") if getattr(args, n)]
             if wanted:
                 raise ValueError(
@@ -104,8 +112,6 @@ class SoftPromptCallback(TrainerCallback):
                     "load_soft_prompt(model, checkpoint_dir, is_trainable=True) before building the Trainer."
                 )
         prepare_model(model, self.config)
-        if not self._in_soft_prompt_trainer:  # SoftPromptTrainer puts us first itself
-            put_first(self, calling_handler(self))
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -167,15 +173,16 @@ class SoftPromptCallback(TrainerCallback):
             logger.info("Step %d, prompt %r: nearest vocabulary tokens\n%s", state.global_step, name, table)
 
 
-def calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
-    """The `CallbackHandler` dispatching the current event to `callback` (a callback is not told which
-    handler holds it), found on the call stack; None when called some other way."""
+def calling_trainer(callback: TrainerCallback) -> Trainer | None:
+    """The `Trainer` whose event is being dispatched to `callback` (a callback is not told which
+    Trainer holds it), found on the call stack; None when called some other way."""
     frame = inspect.currentframe()
-    for _ in range(8):  # call_event is two or three frames up
+    for _ in range(8):  # Trainer.__init__ is three or four frames up from on_init_end
         if frame is None:
             return None
         owner = frame.f_locals.get("self")
-        if isinstance(owner, CallbackHandler) and callback in owner.callbacks:
+        handler = getattr(owner, "callback_handler", None)
+        if isinstance(owner, Trainer) and isinstance(handler, CallbackHandler) and callback in handler.callbacks:
             return owner
         frame = frame.f_back
     return None

@@ -21,12 +21,11 @@ from .callbacks import PromptConfigs, SoftPromptCallback, put_first, trainable_c
 from .inject import get_injector
 from .modelcard import MODEL_CARD_NAME, build_model_card, build_prompt_set_card
 from .serialization import (
-    has_saved_prompts,
-    load_soft_prompt_weights,
     prompt_folder,
     push_adapter_folder,
     saved_prompt_names,
 )
+from .trainer_hooks import load_prompts_from_checkpoint, shifted_label_batches
 
 logger = logging.getLogger(__name__)
 
@@ -104,34 +103,18 @@ class SoftPromptMixin:
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
-        # Count what the model's loss counts. A causal LM predicts labels[:, 1:] (with a prompt as
-        # without), but the Trainer knows that only from `loss_type` (Llama has it; GPT-2 has none, so
-        # the stock count includes labels[:, 0] and the loss comes out too small).
-        injector = get_injector(self.model)
-        model_computes_loss = self.label_smoother is None and self.compute_loss_func is None
-        if injector is None or not model_computes_loss or not injector.spec.shifts_labels:
-            return super()._get_num_items_in_batch(batch_samples, device)
-        shifted = [{**batch, "shift_labels": batch["labels"][..., 1:]}
-                   if isinstance(batch.get("labels"), torch.Tensor) and "shift_labels" not in batch else batch
-                   for batch in batch_samples]
-        return super()._get_num_items_in_batch(shifted, device)
+        # Count what the model's loss counts (trainer_hooks.py).
+        return super()._get_num_items_in_batch(shifted_label_batches(self, batch_samples), device)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # Our checkpoints hold the adapter only; the stock loader looks for base weights and fails.
-        target = self.model if model is None else model
-        if get_injector(target) is not None and has_saved_prompts(resume_from_checkpoint):
-            logger.info(f"Loading the soft prompts from {resume_from_checkpoint}.")
-            load_soft_prompt_weights(target, resume_from_checkpoint)
-        else:
+        if not load_prompts_from_checkpoint(self.model if model is None else model, resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
         # Same reason as `_load_from_checkpoint`: the best checkpoint is an adapter.
         best = self.state.best_model_checkpoint
-        if get_injector(self.model) is not None and has_saved_prompts(best):
-            logger.info(f"Loading the best soft prompts from {best} (score: {self.state.best_metric}).")
-            load_soft_prompt_weights(self.model, best)
-        else:
+        if not load_prompts_from_checkpoint(self.model, best, f"best soft prompts (score {self.state.best_metric})"):
             super()._load_best_model()
 
     def create_model_card(self, language: str | None = None, license: str | None = None,

@@ -18,7 +18,7 @@ from datasets import Dataset
 from models import VOCAB, make_model
 from reference import reference_outputs
 from safetensors import safe_open
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from hf_softprompt import (
     SoftPromptCallback,
@@ -228,12 +228,14 @@ def test_save_pretrained_is_the_model_s_own_again_after_remove_soft_prompt(tmp_p
 
 
 # --------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("family,task,encoder,resume", [
-    ("llama", "causal_lm", None, "path"),
-    ("llama", "causal_lm", "mlp", "last"),
-    ("bert", "seq_cls", "lstm", "path"),  # LSTM encoder and a trained head
+@pytest.mark.parametrize("family,task,encoder,resume,path", [
+    ("llama", "causal_lm", None, "path", "subclass"),
+    ("llama", "causal_lm", "mlp", "last", "subclass"),
+    ("bert", "seq_cls", "lstm", "path", "subclass"),  # LSTM encoder and a trained head
+    ("llama", "causal_lm", "mlp", "last", "callback"),  # the stock Trainer
+    ("bert", "seq_cls", "lstm", "path", "callback"),
 ])
-def test_resume_from_adapter_checkpoint_is_exact(tmp_path, family, task, encoder, resume):
+def test_resume_from_adapter_checkpoint_is_exact(tmp_path, family, task, encoder, resume, path):
     data, config = dataset(task), SoftPromptConfig(num_virtual_tokens=P, encoder=encoder)
     # 6 steps of 4 rows over 16: the resumed run starts mid-epoch and crosses an epoch boundary.
     args = dict(max_steps=6, save_steps=3, save_strategy="steps")
@@ -241,7 +243,7 @@ def test_resume_from_adapter_checkpoint_is_exact(tmp_path, family, task, encoder
     subclass_trainer(full, training_args(tmp_path / "full", **args), data, config).train()
 
     model = tiny(family, task)
-    trainer = subclass_trainer(model, training_args(tmp_path / "resumed", **args), data, config)
+    trainer = PATHS[path](model, training_args(tmp_path / "resumed", **args), data, config)
     with torch.no_grad():  # the resumed prompt must come from the checkpoint, not from the seed
         for param in model.soft_prompts["default"].parameters():
             param.zero_()
@@ -257,25 +259,15 @@ def test_resume_from_adapter_checkpoint_is_exact(tmp_path, family, task, encoder
         torch.testing.assert_close(ours[key], reference[key], atol=0, rtol=0, msg=key)
 
 
-def test_stock_trainer_cannot_resume_from_an_adapter_checkpoint(tmp_path):
-    # Upstream loads model weights before any callback event; if this starts to work, update the
-    # SoftPromptCallback docstring.
-    args = training_args(tmp_path, max_steps=2, save_steps=1, save_strategy="steps")
-    callback_trainer(tiny("llama", "causal_lm"), args, dataset("causal_lm")).train()
-    again = callback_trainer(tiny("llama", "causal_lm"), args, dataset("causal_lm"))
-    with pytest.raises(ValueError, match="checkpoint index"):
-        again.train(resume_from_checkpoint=True)
-
-
-def test_load_best_model_at_end_reloads_the_best_adapter(tmp_path):
+@pytest.mark.parametrize("path", ["subclass", "callback"])
+def test_load_best_model_at_end_reloads_the_best_adapter(tmp_path, path):
     scores = iter([1.0, 3.0, 2.0])  # best at the second evaluation (step 4)
     args = training_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
                          save_steps=2, load_best_model_at_end=True, metric_for_best_model="score",
                          greater_is_better=True)
     data = dataset("causal_lm")
     model = tiny("llama", "causal_lm")
-    trainer = subclass_trainer(model, args, data, eval_dataset=data,
-                               compute_metrics=lambda _: {"score": next(scores)})
+    trainer = PATHS[path](model, args, data, eval_dataset=data, compute_metrics=lambda _: {"score": next(scores)})
     trainer.train()
 
     out = tmp_path / "out"
@@ -285,16 +277,13 @@ def test_load_best_model_at_end_reloads_the_best_adapter(tmp_path):
                                atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("option", [
-    dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps"),
-    dict(resume_from_checkpoint="out/checkpoint-2"),
-], ids=["best", "resume"])
-def test_stock_trainer_refuses_checkpoint_loading_at_construction(tmp_path, option):
-    data, name = dataset("causal_lm"), next(iter(option))
-    with pytest.raises(ValueError, match=rf"{name}=.* needs SoftPromptTrainer.*load_soft_prompt\(model, "
-                                               r"checkpoint_dir, is_trainable=True\)"):
-        callback_trainer(tiny("llama", "causal_lm"), training_args(tmp_path, **option), data,
-                         eval_dataset=data)
+def test_a_callback_outside_a_trainer_refuses_checkpoint_loading(tmp_path):
+    # Called by hand, the callback has no Trainer to give the adapter loaders to: it refuses what
+    # the Trainer would then fail at, with the fix.
+    args = training_args(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
+    fix = r"load_best_model_at_end=True needs SoftPromptTrainer.*load_soft_prompt\(model, checkpoint_dir, is_trainable"
+    with pytest.raises(ValueError, match=fix):
+        SoftPromptCallback(PROMPT).on_init_end(args, TrainerState(), TrainerControl(), model=tiny("llama", "causal_lm"))
 
 
 # ------------------------------------------------------------------- loss normalisation
@@ -306,16 +295,17 @@ def test_num_items_in_batch_counts_the_caller_s_targets(tmp_path, family):
     expected = int((batch["labels"][:, 1:] != -100).sum())
     trainer = subclass_trainer(tiny(family, "causal_lm"), training_args(tmp_path))
     assert int(trainer._get_num_items_in_batch([batch], torch.device("cpu"))) == expected
-    # The stock Trainer counts the same for Llama, whose loss_type says the loss shifts labels; GPT-2
-    # has no loss_type, so the stock count includes labels[:, 0], with a prompt or without.
+    # The stock Trainer with the callback counts the same. Without a prompt it counts right for Llama,
+    # whose loss_type says the loss shifts labels; GPT-2 has none, so a bare Trainer includes labels[:, 0].
     stock = callback_trainer(tiny(family, "causal_lm"), training_args(tmp_path))
+    assert int(stock._get_num_items_in_batch([batch], torch.device("cpu"))) == expected
     bare = Trainer(model=tiny(family, "causal_lm"), args=training_args(tmp_path))
-    got = int(stock._get_num_items_in_batch([batch], torch.device("cpu")))
-    assert got == int(bare._get_num_items_in_batch([batch], torch.device("cpu")))
-    assert got == (expected if family == "llama" else int((batch["labels"] != -100).sum()))
+    assert int(bare._get_num_items_in_batch([batch], torch.device("cpu"))) == (
+        expected if family == "llama" else int((batch["labels"] != -100).sum()))
 
 
-@pytest.mark.parametrize("family,path", [("llama", "subclass"), ("gpt2", "subclass"), ("llama", "callback")])
+@pytest.mark.parametrize("family,path", [("llama", "subclass"), ("gpt2", "subclass"), ("llama", "callback"),
+                                         ("gpt2", "callback")])
 def test_gradient_accumulation_equals_one_batch_and_the_token_mean(tmp_path, family, path):
     data = dataset("causal_lm", n=8, ragged=True)
     sgd = dict(max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0)

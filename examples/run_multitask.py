@@ -192,6 +192,18 @@ def training_rows(tasks: Sequence[Task], splits: dict[str, datasets.DatasetDict]
     return datasets.concatenate_datasets(parts).shuffle(seed=seed)
 
 
+def held_out_rows(tasks: Sequence[Task], splits: dict[str, datasets.DatasetDict],
+                  seed: int) -> tuple[list[str], list[str], list[str]]:
+    """Every task's held-out rows shuffled together (so each batch mixes tasks): each row's task
+    name, input text and reference answer."""
+    rows = [(task.name, task.template.format(text=text), task.answer(label))
+            for task in tasks
+            for text, label in zip(splits[task.name]["validation"][task.text_column],
+                                   splits[task.name]["validation"][task.label_column], strict=True)]
+    random.Random(seed).shuffle(rows)
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
 def exact_match_by_task(answers: Sequence[str], references: Sequence[str], row_tasks: Sequence[str],
                         tasks: Sequence[Task]) -> dict[str, float]:
     """Exact match (case and punctuation ignored) of each task's rows, and over all rows."""
@@ -245,15 +257,7 @@ def main() -> None:
         tokenizer.pad_token = tokenizer.eos_token
     base_for_single_tasks = copy.deepcopy(model) if task_args.compare_single_task else None
 
-    # The held-out rows of every task, shuffled together: each batch mixes tasks.
-    held_out = [(task, task.template.format(text=text), task.answer(label))
-                for task in tasks
-                for text, label in zip(splits[task.name]["validation"][task.text_column],
-                                       splits[task.name]["validation"][task.label_column], strict=True)]
-    random.Random(training_args.seed).shuffle(held_out)
-    row_tasks = [task.name for task, _, _ in held_out]
-    inputs = [text for _, text, _ in held_out]
-    references = [answer for _, _, answer in held_out]
+    row_tasks, inputs, references = held_out_rows(tasks, splits, training_args.seed)
     shots = {task.name: few_shot_block(task, splits[task.name]["train"], task_args.icl_examples, training_args.seed)
              for task in tasks}
     by_name = {task.name: task for task in tasks}

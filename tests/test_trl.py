@@ -14,7 +14,7 @@ from datasets import Dataset
 from models import make_model
 from transformers import AutoTokenizer
 
-from hf_softprompt import SoftPromptConfig, SoftPromptMixin, remove_soft_prompt
+from hf_softprompt import SoftPromptCallback, SoftPromptConfig, SoftPromptMixin, remove_soft_prompt
 from hf_softprompt.inject import get_injector
 
 trl = pytest.importorskip("trl")  # in the test extra: always there in CI
@@ -106,3 +106,17 @@ def test_packed_batches_are_refused(tmp_path, tokenizer_dir, config):
     trainer, _ = sft(tmp_path, tokenizer_dir, **config)
     with pytest.raises(ValueError, match=r"packs several sequences into one row .* SFTConfig\(packing=False"):
         trainer.train()
+
+
+def test_the_callback_with_sft_trainer_trains_the_prompt(tmp_path, tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = make_model("llama", "causal_lm", initializer_range=0.2)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                         report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=32,
+                         logging_steps=1, learning_rate=0.1)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset("text"), processing_class=tokenizer,
+                             callbacks=[SoftPromptCallback(SoftPromptConfig(num_virtual_tokens=4))])
+    before = get_injector(model).bank["default"]().detach().clone()
+    trainer.train()
+    assert not torch.equal(before, get_injector(model).bank["default"]().detach())
+    assert all(entry["soft_prompt/default/grad_norm"] > 0 for entry in trainer.state.log_history if "loss" in entry)

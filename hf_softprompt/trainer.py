@@ -25,7 +25,7 @@ from .serialization import (
     push_adapter_folder,
     saved_prompt_names,
 )
-from .trainer_hooks import load_prompts_from_checkpoint, shifted_label_batches
+from .trainer_hooks import get_num_items_in_batch, load_best_model, load_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -102,20 +102,15 @@ class SoftPromptMixin:
             injector.ensure_outermost()
         return super().compute_loss(model, inputs, *args, **kwargs)
 
+    # The Trainer methods soft prompts change, shared with the callback's stock Trainer (trainer_hooks.py).
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
-        # Count what the model's loss counts (trainer_hooks.py).
-        return super()._get_num_items_in_batch(shifted_label_batches(self, batch_samples), device)
+        return get_num_items_in_batch(super()._get_num_items_in_batch, self, batch_samples, device)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        # Our checkpoints hold the adapter only; the stock loader looks for base weights and fails.
-        if not load_prompts_from_checkpoint(self.model if model is None else model, resume_from_checkpoint):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_from_checkpoint(super()._load_from_checkpoint, self, resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        # Same reason as `_load_from_checkpoint`: the best checkpoint is an adapter.
-        best = self.state.best_model_checkpoint
-        if not load_prompts_from_checkpoint(self.model, best, f"best soft prompts (score {self.state.best_metric})"):
-            super()._load_best_model()
+        load_best_model(super()._load_best_model, self)
 
     def create_model_card(self, language: str | None = None, license: str | None = None,
                           tags: str | list[str] | None = None, model_name: str | None = None,

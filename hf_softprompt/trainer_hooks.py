@@ -37,13 +37,15 @@ def load_prompts_from_checkpoint(model: nn.Module, checkpoint: str | None, what:
     return True
 
 
-def _load_from_checkpoint(stock: Callable, trainer: Any, resume_from_checkpoint: str,
-                          model: nn.Module | None = None) -> None:
+def load_from_checkpoint(stock: Callable, trainer: Any, resume_from_checkpoint: str,
+                         model: nn.Module | None = None) -> None:
+    """`Trainer._load_from_checkpoint` for adapter-only checkpoints; `stock` loads any other."""
     if not load_prompts_from_checkpoint(trainer.model if model is None else model, resume_from_checkpoint):
         stock(resume_from_checkpoint, model)
 
 
-def _load_best_model(stock: Callable, trainer: Any) -> None:
+def load_best_model(stock: Callable, trainer: Any) -> None:
+    """`Trainer._load_best_model` for an adapter-only best checkpoint; `stock` loads any other."""
     best = trainer.state.best_model_checkpoint
     if not load_prompts_from_checkpoint(trainer.model, best, f"best soft prompts (score {trainer.state.best_metric})"):
         stock()
@@ -61,12 +63,13 @@ def shifted_label_batches(trainer: Any, batch_samples: list) -> list:
             for batch in batch_samples]
 
 
-def _get_num_items_in_batch(stock: Callable, trainer: Any, batch_samples: list, device: torch.device) -> Any:
+def get_num_items_in_batch(stock: Callable, trainer: Any, batch_samples: list, device: torch.device) -> Any:
+    """`Trainer._get_num_items_in_batch` counting the targets the prompted model's loss counts."""
     return stock(shifted_label_batches(trainer, batch_samples), device)
 
 
 def adopt_trainer_hooks(trainer: Any) -> None:
     """Give a stock `Trainer` instance the checkpoint loading and target count of `SoftPromptMixin`."""
-    for name, hook in (("_load_from_checkpoint", _load_from_checkpoint), ("_load_best_model", _load_best_model),
-                       ("_get_num_items_in_batch", _get_num_items_in_batch)):
+    for name, hook in (("_load_from_checkpoint", load_from_checkpoint), ("_load_best_model", load_best_model),
+                       ("_get_num_items_in_batch", get_num_items_in_batch)):
         setattr(trainer, name, functools.partial(hook, getattr(trainer, name), trainer))

@@ -154,11 +154,14 @@ class SoftPromptInjector:
         # After the first call `past` already counts the prompt.
         total = past + length + (0 if past else width)
         if self.max_positions is not None and total > self.max_positions:
+            fits = self.max_positions - width
+            # Name each client's own knob: scripts that group texts never call the tokenizer with max_length.
             raise ValueError(
-                f"The prompt ({width} virtual tokens) plus the input ({total - width} tokens)"
-                f" exceed the model's {self.max_positions} positions. Truncate inputs to at most "
-                f"{self.max_positions - width} tokens (e.g. tokenizer(..., truncation=True, "
-                f"max_length={self.max_positions - width}))."
+                f"The prompt ({width} virtual tokens) plus the input ({total - width} tokens) exceed the "
+                f"model's {self.max_positions} positions. Truncate inputs to at most {fits} tokens: "
+                f"tokenizer(..., truncation=True, max_length={fits}); in transformers' run_glue.py, "
+                f"run_ner.py or run_qa.py --max_seq_length {fits}; with texts grouped into blocks as in "
+                f"run_clm.py, --block_size {fits}; with TRL, SFTConfig(max_length={fits})."
             )
         for key in self.spec.per_position_labels:
             labels = kwargs.get(key)

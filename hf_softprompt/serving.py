@@ -1,0 +1,351 @@
+"""Serving saved soft prompts with an inference engine that takes per-request embeddings (vLLM).
+
+vLLM dropped prompt adapters and takes `prompt_embeds` instead: one (N, D) tensor per request, the
+sequence the model's first layer receives. `PromptEmbedder` builds that tensor from the base
+model's input-embedding table (one tensor read from its safetensors, no model load) and saved
+prompts: the same sequence our injector feeds the model in `generate()`, so one deployment of a
+base model serves every task's prompt, mixed in one continuous batch. vLLM is never imported here.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .adapter_format import PROMPT_KEY, read_adapter_files
+from .config import Placement, SoftPromptConfig, TaskType
+from .hub import download_files
+from .loading import _choose, _same_name, _Source
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# Where the input-embedding table lives in the checkpoints of common decoder families, in order.
+EMBEDDING_KEYS = (
+    "model.embed_tokens.weight",  # Llama, Mistral, Qwen, Phi-3, SmolLM, OLMo, ...
+    "embed_tokens.weight",
+    "transformer.wte.weight",  # GPT-2, GPT-J, StarCoder
+    "wte.weight",
+    "gpt_neox.embed_in.weight",  # GPT-NeoX, Pythia
+    "transformer.word_embeddings.weight",  # Bloom, Falcon
+    "model.decoder.embed_tokens.weight",  # OPT
+    "model.language_model.embed_tokens.weight",  # multimodal wrappers of a text decoder
+    "language_model.model.embed_tokens.weight",
+)
+TIED_KEY = "lm_head.weight"  # tied embeddings may be stored only under the head's name
+# Families whose model scales (or otherwise transforms) the embeddings after the lookup: an engine's
+# embedding step for them is not the bare table, so the table alone would give wrong inputs.
+_TRANSFORMED_EMBEDDINGS = ("gemma", "granite", "falcon_h1", "mup")
+_MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+@dataclass(frozen=True)
+class ServedPrompt:
+    """One saved prompt ready to serve: its (P, D) rows in the base model's dtype, and where it was read."""
+
+    rows: torch.Tensor
+    source: str
+
+
+class PromptEmbedder:
+    """Turns token ids (or text) and a saved prompt's name into one request's `prompt_embeds`.
+
+    Args:
+        embedding (`torch.Tensor`): the base model's (V, D) input-embedding table.
+        prompts (`dict[str, ServedPrompt]`): the prompts, by name.
+        max_positions (`int`, *optional*): the model's maximum length; longer requests are refused.
+        tokenizer (*optional*): a tokenizer, or a path/repo id to load one from when text comes in.
+
+    Build it with `PromptEmbedder.from_pretrained`.
+
+    Example:
+        ```python
+        embedder = PromptEmbedder.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                  prompts={"sst2": "me/sst2-prompt"})
+        llm = vllm.LLM("HuggingFaceTB/SmolLM2-135M-Instruct", enable_prompt_embeds=True)
+        out = llm.generate([{"prompt_embeds": embedder("Review: great film", prompt="sst2")}])
+        ```
+    """
+
+    def __init__(self, embedding: torch.Tensor, prompts: Mapping[str, ServedPrompt], *,
+                 max_positions: int | None = None, tokenizer: Any = None) -> None:
+        self.embedding = embedding
+        self.prompts = dict(prompts)
+        self.max_positions = max_positions
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | os.PathLike,
+        prompts: Mapping[str, str | os.PathLike] | str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        max_length: int | None = None,
+        check_base_model: bool = True,
+        tokenizer: Any = None,
+        revision: str | None = None,
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+    ) -> PromptEmbedder:
+        """Read the base model's embedding table and the saved prompts (local dirs or Hub repo ids).
+
+        Args:
+            base_model (`str` or `os.PathLike`): a local model directory or a Hub repo id (safetensors).
+            prompts (*optional*): `{"name": path_or_repo_id}` (from a multi-prompt save, the prompt of
+                that name, or its only prompt), or one save (or a list of saves) whose every prompt is
+                served under its saved name.
+            dtype (`torch.dtype`, *optional*): of the returned tensors; defaults to the base model's
+                (its config's `dtype`, else the stored table's).
+            max_length (`int`, *optional*): the engine's maximum length (vLLM's `max_model_len`) when it
+                is below the model's own.
+            check_base_model (`bool`, defaults to `True`): refuse a prompt saved for a base model of
+                another name (when the name is known).
+            tokenizer (*optional*): a tokenizer or where to load one; defaults to `base_model`'s.
+            revision, token, cache_dir, local_files_only: for Hub downloads (base model and prompts).
+
+        Raises:
+            ValueError: a prompt does not fit the base model (name, token dimension, task type) or
+                the checkpoint holds no recognisable embedding table.
+            FileNotFoundError, HubError: a file could not be found or downloaded.
+        """
+        hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        source = os.fspath(base_model)
+        model_config = _text_config(_read_json(_base_file(source, CONFIG_FILE, hub)))
+        table = read_embedding_table(source, model_config, **hub)
+        dtype = dtype or _config_dtype(model_config) or table.dtype
+        table = table.to(dtype)
+        limit = _max_positions(model_config)
+        if max_length is not None:
+            limit = max_length if limit is None else min(limit, max_length)
+        served: dict[str, ServedPrompt] = {}
+        for name, where in _prompt_sources(prompts):
+            for served_name, prompt in _read_prompts(where, name, hub).items():
+                if served_name in served:
+                    raise ValueError(f"Two saved prompts are named {served_name!r} ({served[served_name].source!r} "
+                                     f"and {prompt.source!r}). Pass prompts={{'new_name': path, ...}} to rename one.")
+                _check_fits(prompt, table.shape[1], source, check_base_model)
+                served[served_name] = ServedPrompt(prompt.rows.to(dtype), prompt.source)
+        return cls(table, served, max_positions=limit, tokenizer=tokenizer if tokenizer is not None else source)
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of every tensor this embedder returns."""
+        return self.embedding.dtype
+
+    def prompt_names(self) -> list[str]:
+        """The names of the prompts this embedder serves."""
+        return list(self.prompts)
+
+    def num_virtual_tokens(self, prompt: str | None) -> int:
+        """P, the number of rows prompt `prompt` adds (0 for `None`)."""
+        return 0 if prompt is None else self._prompt(prompt).rows.shape[0]
+
+    def encode(self, text: str | Sequence[Mapping[str, str]], *, chat: bool = False) -> list[int]:
+        """Token ids of `text` with the base model's tokenizer: special tokens as the tokenizer adds
+        them, or the chat template with a generation prompt (`chat=True`, or a list of messages)."""
+        tokenizer = self.tokenizer
+        if chat or not isinstance(text, str):
+            messages = [{"role": "user", "content": text}] if isinstance(text, str) else list(text)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+        return list(tokenizer(text)["input_ids"])
+
+    @property
+    def tokenizer(self) -> Any:
+        """The base model's tokenizer, loaded on first use (only text inputs need it)."""
+        if isinstance(self._tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer)
+        return self._tokenizer
+
+    def __call__(self, token_ids: Sequence[int] | torch.Tensor | str, prompt: str | None = None, *,
+                 chat: bool = False, max_new_tokens: int = 0) -> torch.Tensor:
+        """One request's `prompt_embeds`: the (P + L, D) sequence our injector feeds the model.
+
+        Args:
+            token_ids: the request's L token ids (a list or a 1-D tensor), or its text.
+            prompt (`str`, *optional*): the saved prompt's name; `None` gives the plain embeddings.
+            chat (`bool`, defaults to `False`): text goes through the tokenizer's chat template.
+            max_new_tokens (`int`, defaults to 0): tokens the request will generate, counted in the
+                length check.
+
+        Returns:
+            A (P + L, D) tensor in the base model's dtype: the prompt's rows, then the tokens'
+            embeddings.
+        """
+        if isinstance(token_ids, str) or (isinstance(token_ids, Sequence) and token_ids
+                                          and isinstance(token_ids[0], Mapping)):
+            token_ids = self.encode(token_ids, chat=chat)
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        vocab = self.embedding.shape[0]
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError(f"token_ids must be a non-empty 1-D sequence of ids (one request), got shape "
+                             f"{tuple(ids.shape)}. Embed each request on its own.")
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"token_ids must lie in [0, {vocab}) (the base model's vocabulary), got ids from "
+                             f"{int(ids.min())} to {int(ids.max())}. Tokenize with the base model's tokenizer.")
+        tokens = self.embedding[ids]  # (L, D)
+        rows = tokens[:0] if prompt is None else self._prompt(prompt).rows  # (P, D)
+        total = rows.shape[0] + ids.numel() + max_new_tokens
+        if self.max_positions is not None and total > self.max_positions:
+            raise ValueError(
+                f"The request is {total} positions long (prompt {prompt!r}: {rows.shape[0]} virtual tokens, "
+                f"{ids.numel()} tokens, {max_new_tokens} new tokens), beyond the model's {self.max_positions}. "
+                f"Truncate the input to at most {self.max_positions - rows.shape[0] - max_new_tokens} tokens.")
+        return torch.cat([rows, tokens])  # (P + L, D), as the injector lays out a causal LM's input
+
+    def _prompt(self, name: str) -> ServedPrompt:
+        if name not in self.prompts:
+            raise KeyError(f"No prompt named {name!r}; this embedder serves {self.prompt_names()}. Pass one of "
+                           "them, or prompt=None for none, or add it in from_pretrained(prompts=...).")
+        return self.prompts[name]
+
+
+def encode_prompt_embeds(embeds: torch.Tensor) -> str:
+    """`embeds` as the `prompt_embeds` field of a request to vLLM's OpenAI-compatible server (started
+    with `--enable-prompt-embeds`): base64 of the `torch.save` bytes, which the server reads back with
+    `torch.load(weights_only=True)`."""
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 2:
+        raise ValueError(f"prompt_embeds must be one request's 2-D (N, D) tensor, got "
+                         f"{getattr(embeds, 'shape', type(embeds).__name__)}.")
+    buffer = io.BytesIO()
+    torch.save(embeds.detach().cpu().contiguous(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------- base model
+def read_embedding_table(source: str, model_config: Mapping[str, Any], **hub: Any) -> torch.Tensor:
+    """The (V, D) input-embedding table of the base model at `source`, read alone from its
+    safetensors (one shard downloaded for a sharded Hub model)."""
+    model_type = str(model_config.get("model_type", ""))
+    scaled = [name for name in _TRANSFORMED_EMBEDDINGS if model_type.startswith(name)]
+    if scaled or model_config.get("embedding_multiplier") not in (None, 1, 1.0):
+        raise ValueError(f"{source!r} is a {model_type!r} model, which transforms its embeddings after the "
+                         "lookup; PromptEmbedder serves models whose inputs are the bare embedding table "
+                         "(Llama, Qwen, Mistral, SmolLM, GPT-2, ...).")
+    index_or_weights = _base_file(source, (WEIGHTS_INDEX_FILE, WEIGHTS_FILE), hub)
+    if index_or_weights.endswith(".json"):
+        weight_map = _read_json(index_or_weights).get("weight_map", {})
+        key = _embedding_key(weight_map, model_config, source)
+        path = _base_file(source, weight_map[key], hub)
+    else:
+        with safe_open(index_or_weights, framework="pt") as f:
+            key = _embedding_key(list(f.keys()), model_config, source)
+        path = index_or_weights
+    with safe_open(path, framework="pt") as f:
+        table = f.get_tensor(key)
+    hidden = model_config.get("hidden_size") or model_config.get("n_embd")
+    if table.dim() != 2 or (hidden and table.shape[1] != hidden):
+        raise ValueError(f"{key!r} in {path!r} has shape {tuple(table.shape)}, not (vocab, hidden_size={hidden}); "
+                         "it is not this model's embedding table.")
+    return table
+
+
+def _embedding_key(keys: Sequence[str] | Mapping[str, str], model_config: Mapping[str, Any], source: str) -> str:
+    for key in EMBEDDING_KEYS:
+        if key in keys:
+            return key
+    if model_config.get("tie_word_embeddings", True) and TIED_KEY in keys:
+        return TIED_KEY
+    raise ValueError(f"Found no input-embedding table in {source!r} (looked for {', '.join(EMBEDDING_KEYS)}, "
+                     f"and {TIED_KEY} for tied embeddings). Save the model with save_pretrained "
+                     "(safetensors) from transformers.")
+
+
+def _base_file(source: str, names: str | Sequence[str], hub: dict[str, Any]) -> str:
+    """A base-model file, local or downloaded: the first of `names` that exists."""
+    names = [names] if isinstance(names, str) else list(names)
+    if os.path.isdir(source):
+        for name in names:
+            if os.path.isfile(os.path.join(source, name)):
+                return os.path.join(source, name)
+        raise FileNotFoundError(f"No {' or '.join(names)} in {source!r}. The base model must be a transformers "
+                                "checkpoint in safetensors (save_pretrained writes one).")
+    return download_files(source, [names], note="There is no local directory of that name either.", **hub)[0]
+
+
+def _text_config(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    # Multimodal configs nest the language model's settings.
+    return data.get("text_config") or data
+
+
+def _config_dtype(model_config: Mapping[str, Any]) -> torch.dtype | None:
+    name = model_config.get("dtype") or model_config.get("torch_dtype")
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _max_positions(model_config: Mapping[str, Any]) -> int | None:
+    for key in _MAX_POSITION_KEYS:
+        value = model_config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class _SavedPrompt:
+    rows: torch.Tensor
+    config: SoftPromptConfig
+    source: str
+
+
+def _prompt_sources(prompts: Any) -> list[tuple[str | None, str]]:
+    """[(name or None for every saved prompt, where)]."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, Mapping):
+        return [(str(name), os.fspath(where)) for name, where in prompts.items()]
+    if isinstance(prompts, (str, os.PathLike)):
+        return [(None, os.fspath(prompts))]
+    return [(None, os.fspath(where)) for where in prompts]
+
+
+def _read_prompts(where: str, name: str | None, hub: dict[str, Any]) -> dict[str, _SavedPrompt]:
+    """The prompts of one save: `{name: prompt}` (all of them when `name` is None)."""
+    fetch = _Source(where, revision=hub["revision"], token=hub["token"], cache_dir=hub["cache_dir"],
+                    force_download=False, local_files_only=hub["local_files_only"])
+    out = {}
+    for served_name, folder in _choose(fetch, name, None):
+        config, tensors, _ = read_adapter_files(*fetch.adapter(folder))
+        # P-tuning adapters store the encoder's output: the rows are the prompt as it is served.
+        rows = tensors[PROMPT_KEY][: config.num_virtual_tokens]
+        out[served_name] = _SavedPrompt(rows, config, f"{where}/{folder}" if folder else where)
+    return out
+
+
+def _check_fits(prompt: _SavedPrompt, width: int, base_model: str, check_base_model: bool) -> None:
+    config, where = prompt.config, prompt.source
+    if config.task_type not in (None, TaskType.CAUSAL_LM):
+        raise ValueError(f"The prompt in {where!r} has task_type={config.task_type.value!r}; serving needs "
+                         "'CAUSAL_LM' (a prompt trained on a causal language model's generation).")
+    if config.placement is not Placement.FRONT:
+        # add_soft_prompt refuses it for causal LMs too: generation continues after the prompt.
+        raise ValueError(f"The prompt in {where!r} has placement={config.placement.value!r}; a causal LM's prompt "
+                         "goes in front (placement='front'). Train it with placement='front'.")
+    if prompt.rows.shape[1] != width:
+        raise ValueError(f"The prompt in {where!r} has token_dim={prompt.rows.shape[1]}, but {base_model!r} has "
+                         f"token_dim={width} (its embedding width). Serve it with the base model it was trained on.")
+    saved = config.base_model_name_or_path
+    if check_base_model and saved and not _same_name(saved, base_model):
+        raise ValueError(f"The prompt in {where!r} was trained on base_model_name_or_path={saved!r}, but the base "
+                         f"model is {base_model!r}. Serve it with that model, or pass check_base_model=False if "
+                         "both are the same weights (e.g. a converted copy).")

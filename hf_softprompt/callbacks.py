@@ -109,7 +109,8 @@ class SoftPromptCallback(TrainerCallback):
                     "loads a checkpoint as base-model weights, and soft-prompt checkpoints hold only "
                     "the adapter. Use SoftPromptTrainer(..., soft_prompt_config=...), which takes the same "
                     "arguments as Trainer; to only continue from a saved prompt, load it with "
-                    "load_soft_prompt(model, checkpoint_dir, is_trainable=True) before building the Trainer."
+                    "load_soft_prompt(model, checkpoint_dir, is_trainable=True) before building the Trainer, "
+                    "and pass SoftPromptCallback() without a config (it then trains the loaded prompt)."
                 )
         prepare_model(model, self.config)
 

@@ -117,6 +117,9 @@ def check_recipe(tmp_path, auto_class, base_dir, trainer, reload_with: dict, bar
     trained = scores(trainer.evaluate())
     out = trainer.args.output_dir
     assert set(os.listdir(out)) == SAVED
+    # The adapter file holds the prompt (and a classifier's head), not a copy of the base weights.
+    adapter_bytes = os.path.getsize(os.path.join(out, "adapter_model.safetensors"))
+    assert adapter_bytes < 0.1 * os.path.getsize(os.path.join(base_dir, "model.safetensors"))
     assert not torch.equal(get_injector(model).bank["default"]().detach(), before)  # the prompt moved
 
     reloaded = load_soft_prompt(auto_class.from_pretrained(base_dir), out)

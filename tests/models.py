@@ -94,3 +94,15 @@ def perturb_trainable(model: torch.nn.Module, seed: int = 1, std: float = 0.5) -
             if param.requires_grad:
                 param.normal_(0, std)
     return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, kwargs: dict) -> None:
+    """`activation_checkpointing_enable` (transformers >= 5.20), `gradient_checkpointing_enable` before:
+    the suite also runs on the transformers that vLLM pins."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(kwargs)
+
+
+def is_activation_checkpointing(model: torch.nn.Module) -> bool:
+    """`is_activation_checkpointing`, or `is_gradient_checkpointing` before transformers 5.20."""
+    return bool(getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from models import make_model
+from models import enable_activation_checkpointing, is_activation_checkpointing, make_model
 from reference import make_batch
 
 from hf_softprompt import SoftPromptConfig, add_soft_prompt, remove_soft_prompt
@@ -220,8 +220,8 @@ def test_activation_checkpointing_gives_same_gradients(family):
     task = "seq_cls" if family == "bert" else "causal_lm"
     plain = add_soft_prompt(make_model(family, task), SoftPromptConfig(num_virtual_tokens=4))
     checkpointed = copy.deepcopy(plain)
-    checkpointed.activation_checkpointing_enable({"use_reentrant": True})
-    assert checkpointed.is_activation_checkpointing
+    enable_activation_checkpointing(checkpointed, {"use_reentrant": True})
+    assert is_activation_checkpointing(checkpointed)
     for model in (plain, checkpointed):
         model.train()
         model(**make_batch(task, [6, 4])).loss.backward()

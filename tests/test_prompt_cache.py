@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
-from models import CASES, PAD, config_for, make_model
+from models import CASES, PAD, config_for, enable_activation_checkpointing, make_model
 from reference import make_batch
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, MistralConfig, StaticCache
 
@@ -222,7 +222,7 @@ def test_fallback_uses_plain_path_and_logs_why_once(case, reason, caplog):
         batch["token_type_ids"] = torch.ones_like(batch["input_ids"])
     if case == "checkpointing":
         for model in (shared, plain):
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_activation_checkpointing(model, {"use_reentrant": False})
             model.train()
     with caplog.at_level(logging.INFO, logger=LOGGER), count_prompt_passes(shared) as passes:
         ours = shared(**batch)
@@ -247,7 +247,7 @@ def test_shared_path_is_logged_once(caplog):
 
 def test_checkpointing_in_eval_mode_still_shares():
     shared, plain = pair("llama")
-    shared.activation_checkpointing_enable({"use_reentrant": False})
+    enable_activation_checkpointing(shared, {"use_reentrant": False})
     batch = make_batch("causal_lm", [5, 2], "left")
     with count_prompt_passes(shared) as passes:
         loss = shared(**batch).loss

@@ -279,8 +279,8 @@ class AdapterSavePretrained:
                 "save_soft_prompt(model, dir, push_to_hub=True, repo_id=...), which uploads the "
                 "adapter and its model card."
             )
-        if is_main_process:
-            save_soft_prompt(model, save_directory)
+        if is_main_process:  # under FSDP `state_dict` is the model's, gathered on this rank
+            save_soft_prompt(model, save_directory, full_state_dict=state_dict)
         return None
 
 

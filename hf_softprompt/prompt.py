@@ -9,6 +9,11 @@ from torch import nn
 
 from .config import EncoderType, PromptInit, SoftPromptConfig
 
+try:  # FSDP2's sharded parameters
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed support
+    _DTensor = None
+
 
 class MLPPromptEncoder(nn.Sequential):
     """P-tuning MLP: input -> hidden -> hidden -> output with ReLU (PEFT's `mlp_head` layout)."""
@@ -102,16 +107,25 @@ def initial_prompt(config: SoftPromptConfig, word_embeddings: nn.Module | None) 
         # Same scale as real token embeddings, so the prompt starts where the model expects input.
         std = 0.02
         if word_embeddings is not None and getattr(word_embeddings, "weight", None) is not None:
-            std = float(word_embeddings.weight.detach().float().std()) or 0.02
+            std = float(full_table(word_embeddings.weight).detach().float().std()) or 0.02
         return torch.randn(num, dim) * std
     if word_embeddings is None:
         raise ValueError(f"init={config.init.value!r} needs the model's input embeddings.")
-    weight = word_embeddings.weight
+    weight = full_table(word_embeddings.weight)
     if config.init is PromptInit.SAMPLE_VOCAB:
         token_ids = torch.randint(0, weight.shape[0], (num,))
     else:
         token_ids = text_init_token_ids(config)
     return weight.detach()[token_ids.to(weight.device)].float().cpu().clone()
+
+
+def full_table(weight: torch.Tensor) -> torch.Tensor:
+    """The whole embedding table: under FSDP2 (`fully_shard`) a parameter is a DTensor holding one
+    shard per rank, and an init must read the rows of the full vocabulary, not this rank's shard.
+    Gathering is a collective: every rank adds the prompt, as every rank sharded the model."""
+    if _DTensor is not None and isinstance(weight, _DTensor):
+        return weight.full_tensor()
+    return weight
 
 
 def text_init_token_ids(config: SoftPromptConfig) -> torch.Tensor:

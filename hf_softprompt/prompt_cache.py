@@ -171,6 +171,10 @@ def call_reason(model: nn.Module, spec: TaskSpec, kwargs: dict[str, Any], cache_
         return "the span loss (start/end positions) is a softmax over every position, virtual ones included"
     if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         return "activation checkpointing is on, and in training it drops the key/value cache"
+    if torch.is_grad_enabled() and is_fsdp_sharded(model):
+        # FSDP reshards a layer's weights once the gradient of its first call is done; the prompt
+        # pass is a second call of every layer, whose backward then finds them freed.
+        return "the model is sharded with FSDP, whose backward serves one call per layer and step"
     cache = kwargs.get(cache_key)
     if cache is not None and not (
         type(cache) is DynamicCache and not cache.offloading
@@ -182,3 +186,12 @@ def call_reason(model: nn.Module, spec: TaskSpec, kwargs: dict[str, Any], cache_
     if kwargs.get("output_attentions"):
         return "output_attentions=True asks for the attention of every virtual position"
     return SHARED
+
+
+def is_fsdp_sharded(model: nn.Module) -> bool:
+    """Whether any part of `model` is sharded by FSDP (FSDP2's `fully_shard` or FSDP1's wrapper)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())

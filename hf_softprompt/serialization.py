@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -45,27 +45,64 @@ from .modelcard import MODEL_CARD_NAME, build_model_card, build_prompt_set_card,
 
 INDEX_NAME = "soft_prompts.json"
 
+try:  # FSDP2's sharded parameters
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed support
+    _DTensor = None
+
 
 def prompt_folder(name: str) -> str:
     """Where prompt `name` lives inside a saved directory or repo ("" for the root)."""
     return "" if name == DEFAULT_NAME else name
 
 
-def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, name: str | None = None,
+                       full_state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor prompt `name`'s adapter files hold (default: the active prompt): export,
-    training state and its own task heads."""
+    training state and its own task heads. Under FSDP2 the whole tensors, from `full_state_dict`
+    (the model's, gathered) where given, else gathered here (then every rank must call)."""
     bank = _require_bank(model)
     name = _name_or_active(bank, name)
     prompt, config = bank[name], bank.configs[name]
-    with torch.no_grad():
-        tensors = {PROMPT_KEY: prompt().detach().float().cpu().contiguous()}
+    paths = {id(module): path for path, module in model.named_modules()}
+    state = whole_state_dict(prompt, paths[id(prompt)], full_state_dict)
+    with torch.no_grad():  # the encoder runs on the whole weights, not on this rank's shard
+        exported = prompt() if not is_sharded(prompt) else torch.func.functional_call(prompt, state)
+        tensors = {PROMPT_KEY: exported.detach().float().cpu().contiguous()}
     if config.is_p_tuning:
-        for key, value in prompt.state_dict().items():
-            tensors[STATE_PREFIX + key] = value.detach().cpu().contiguous()
+        for key, value in state.items():
+            tensors[STATE_PREFIX + key] = value.cpu().contiguous()
     for path, module in bank.head_modules(name).items():
-        for key, value in module.state_dict().items():
-            tensors[f"{HEAD_PREFIX}{path}.{key}"] = value.detach().cpu().contiguous()
+        for key, value in whole_state_dict(module, paths[id(module)], full_state_dict).items():
+            tensors[f"{HEAD_PREFIX}{path}.{key}"] = value.cpu().contiguous()
     return tensors
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether any tensor of `module` is an FSDP2 shard (a DTensor)."""
+    return _DTensor is not None and any(isinstance(t, _DTensor) for t in module.state_dict().values())
+
+
+def whole_state_dict(module: nn.Module, path: str,
+                     full_state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` (detached) with each FSDP2 shard replaced by the whole tensor: from
+    `full_state_dict` (keyed from the model's root; `module` sits at `path`) when it holds it, else
+    gathered with `DTensor.full_tensor()`, a collective every rank must join."""
+    out = {}
+    for key, value in module.state_dict().items():
+        if _DTensor is not None and isinstance(value, _DTensor):
+            if full_state_dict is None:
+                value = value.full_tensor()
+            elif f"{path}.{key}" in full_state_dict:
+                value = full_state_dict[f"{path}.{key}"]
+            else:  # gathering here now would wait for ranks that are not saving
+                raise ValueError(
+                    f"The gathered state dict given to save the adapter has no {path}.{key!r}, and that "
+                    "parameter is sharded (FSDP2). Pass the model's full state dict (e.g. "
+                    "accelerator.get_state_dict(model)), or call save_soft_prompt(model, dir) on every rank."
+                )
+        out[key] = value.detach()
+    return out
 
 
 def save_soft_prompt(
@@ -80,6 +117,7 @@ def save_soft_prompt(
     revision: str | None = None,
     create_pr: bool = False,
     tokenizer: Any | None = None,
+    full_state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> list[str]:
     """Write every prompt of a soft-prompted model into `save_directory`, and optionally push it.
 
@@ -100,9 +138,12 @@ def save_soft_prompt(
             Created if missing (`private` applies then).
         token, private, commit_message, revision, create_pr: passed to the Hub upload.
         tokenizer (*optional*): a tokenizer saved next to the adapters (and pushed with them).
+        full_state_dict (`dict`, *optional*): the model's whole state dict, gathered (as the
+            Trainer's `save_model` does under FSDP). Without it a model sharded with FSDP2
+            (`fully_shard`) has its prompts gathered here: call it on every rank then; rank 0 writes.
 
     Returns:
-        The paths written locally.
+        The paths written locally (none on the other ranks of a sharded model).
 
     Raises:
         HubError: the push failed (the message names the repo, what to check and what was saved
@@ -116,13 +157,17 @@ def save_soft_prompt(
     bank = _require_bank(model)
     root = os.fspath(save_directory)
     repo_id = repo_id or os.path.basename(os.path.normpath(os.path.abspath(root)))
+    # Gathered on every rank (a collective when sharded) before any rank decides whether to write.
+    tensors_by_name = {name: adapter_state_dict(model, name, full_state_dict) for name in bank.names()}
+    if is_sharded(bank) and full_state_dict is None and torch.distributed.get_rank() != 0:
+        return []
     writers: dict[str, Any] = {}
     for name in bank.names():
         folder = os.path.join(root, prompt_folder(name))
         os.makedirs(folder, exist_ok=True)
         config, heads = bank.configs[name], list(bank.head_modules(name))
         text = config_json(config, model, heads)
-        tensors, metadata = adapter_state_dict(model, name), weights_metadata(config, text)
+        tensors, metadata = tensors_by_name[name], weights_metadata(config, text)
         writers[os.path.join(folder, ADAPTER_WEIGHTS_NAME)] = (
             lambda tmp, t=tensors, m=metadata: save_file(t, tmp, metadata=m))
         writers[os.path.join(folder, ADAPTER_CONFIG_NAME)] = lambda tmp, t=text: write_text(tmp, t)

@@ -21,13 +21,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_ranks_end_with_one_prompt_and_rank_zero_writes(tmp_path):
+def torchrun(script: str, *args: str, nproc: int = 2) -> None:
+    """Run `script` in `nproc` CPU processes under torchrun (gloo); fail the test with their output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), SCRIPT, str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), script, *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_end_with_one_prompt_and_rank_zero_writes(tmp_path):
+    torchrun(SCRIPT, str(tmp_path))
 
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0["world_size"] == 2 and rank0["backend"] == "gloo"

@@ -1,0 +1,97 @@
+"""Run by test_fsdp.py under torchrun: two CPU processes (gloo) shard a tiny Llama with FSDP2
+(`fully_shard`, per decoder layer and the root) and train its soft prompt on their halves of each
+global batch; `train()` is also the test's single-process reference on the whole batch. Each rank
+writes what it ended with to `<out>/rank<N>.pt`, and rank 0 the adapter to `<out>/final`.
+
+accelerate does not apply FSDP on CPU (`TrainingArguments(fsdp=..., use_cpu=True)` trains with DDP),
+so the sharding here is torch's own, in the order the Trainer uses: prompt first, then shard."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from models import make_model  # noqa: E402
+
+from hf_softprompt import SoftPromptConfig, add_soft_prompt, save_soft_prompt  # noqa: E402
+
+STEPS, GLOBAL_BATCH, LENGTH, LR = 3, 4, 6, 0.5
+INIT_TEXT = "the movie was great"
+
+
+def global_batches() -> list[torch.Tensor]:
+    """The same STEPS batches of GLOBAL_BATCH rows on every rank and in the reference."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 96, (GLOBAL_BATCH, LENGTH), generator=g) for _ in range(STEPS)]
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2 as accelerate applies it to a Llama: each decoder layer, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def train(rank: int = 0, world_size: int = 1) -> torch.nn.Module:
+    """A prompted tiny Llama trained STEPS SGD steps; with world_size > 1 sharded, each rank on its
+    rows of every global batch (all rows have LENGTH - 1 targets, so the mean of the ranks' mean
+    losses is the mean loss of the global batch)."""
+    model = make_model("llama", "causal_lm", initializer_range=0.2)
+    add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=4))  # same seed: same init on every rank
+    if world_size > 1:
+        shard(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    model.train()
+    rows = GLOBAL_BATCH // world_size
+    for ids in global_batches():
+        mine = ids[rank * rows:(rank + 1) * rows]
+        model(input_ids=mine, attention_mask=torch.ones_like(mine), labels=mine).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def initial_tables(tokenizer_dir: str, sharded: bool) -> dict[str, torch.Tensor]:
+    """The text and sample_vocab inits of a prompt added to a (sharded) model."""
+    tables = {}
+    for init in ("text", "sample_vocab"):
+        model = make_model("llama", "causal_lm", initializer_range=0.2)
+        if sharded:
+            shard(model)
+        torch.manual_seed(5)  # the vocabulary sample
+        config = SoftPromptConfig(num_virtual_tokens=6, init=init, init_text=INIT_TEXT,
+                                  tokenizer_name_or_path=tokenizer_dir)
+        add_soft_prompt(model, config)
+        tables[init] = model.soft_prompts["default"].embedding.weight.detach().clone()
+    return tables
+
+
+def main(out: str, tokenizer_dir: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    from torch.distributed.tensor import DTensor
+
+    model = train(rank, world_size)
+    weight = model.soft_prompts["default"].embedding.weight
+    written = save_soft_prompt(model, os.path.join(out, "final"))  # every rank: the prompt is gathered
+    torch.save({
+        "prompt": weight.full_tensor().detach().clone(),
+        "prompt_is_sharded": isinstance(weight, DTensor),
+        "local_rows": weight.to_local().shape[0],
+        "embeddings_are_sharded": isinstance(model.get_input_embeddings().weight, DTensor),
+        "written": written,
+        "world_size": world_size,
+        "backend": dist.get_backend(),
+        "inits": initial_tables(tokenizer_dir, sharded=True),
+    }, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,58 @@
+"""FSDP2 on two CPU processes (gloo, torchrun): a prompted model sharded per decoder layer and at
+the root trains its prompt to the same adapter as one process on the whole batch, every rank ends
+with the same prompt, rank 0 alone writes it, and a prompt added to an already sharded model is
+initialised from the whole vocabulary table, not from the rank's shard."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from fsdp_script import initial_tables, train
+from models import make_model
+from test_distributed import torchrun
+
+from hf_softprompt import SoftPromptConfig, add_soft_prompt
+from hf_softprompt.serialization import read_adapter
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "fsdp_script.py")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, tokenizer_dir):
+    out = tmp_path_factory.mktemp("fsdp")
+    torchrun(SCRIPT, str(out), tokenizer_dir)
+    return out, [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_sharded_training_equals_one_process_on_the_global_batch(fsdp_run):
+    out, (rank0, rank1) = fsdp_run
+    assert rank0["world_size"] == 2 and rank0["backend"] == "gloo"
+    # Really sharded: the prompt and the vocabulary table are DTensors, 2 of the 4 rows on each rank.
+    assert rank0["prompt_is_sharded"] and rank0["embeddings_are_sharded"] and rank0["local_rows"] == 2
+    torch.testing.assert_close(rank0["prompt"], rank1["prompt"], atol=0, rtol=0)
+    assert [os.path.relpath(p, out) for p in rank0["written"]] and rank1["written"] == []
+
+    reference = train()  # one process, no sharding, the 4 rows of each batch at once
+    expected = reference.soft_prompts["default"].embedding.weight.detach()
+    assert not torch.allclose(expected, _initial_prompt(), atol=1e-3)  # training moved it
+    torch.testing.assert_close(rank0["prompt"], expected, atol=1e-5, rtol=0)
+    _, tensors = read_adapter(out / "final")
+    torch.testing.assert_close(tensors["prompt_embeddings"], rank0["prompt"], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_prompt_added_after_sharding_reads_the_whole_vocabulary(fsdp_run, tokenizer_dir):
+    _, ranks = fsdp_run
+    expected = initial_tables(tokenizer_dir, sharded=False)
+    for rank in ranks:  # rank 1's shard holds rows 48-95: a shard read would give other rows
+        for init in ("text", "sample_vocab"):
+            torch.testing.assert_close(rank["inits"][init], expected[init], atol=0, rtol=0)
+
+
+def _initial_prompt() -> torch.Tensor:
+    model = add_soft_prompt(make_model("llama", "causal_lm", initializer_range=0.2),
+                            SoftPromptConfig(num_virtual_tokens=4))
+    return model.soft_prompts["default"].embedding.weight.detach()

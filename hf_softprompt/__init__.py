@@ -18,10 +18,12 @@ from .describe import describe_soft_prompt, format_nearest_tokens  # noqa: E402
 from .hub import HubError  # noqa: E402
 from .loading import load_soft_prompt  # noqa: E402
 from .metrics import PerPromptMetrics  # noqa: E402
+from .reference import BaseModelReference  # noqa: E402
 from .serialization import save_soft_prompt  # noqa: E402
 from .trainer import SoftPromptMixin, SoftPromptSeq2SeqTrainer, SoftPromptTrainer  # noqa: E402
 
 __all__ = [
+    "BaseModelReference",
     "HubError",
     "PerPromptMetrics",
     "SoftPromptCallback",

@@ -103,17 +103,24 @@ def test_the_reference_holds_no_copy_and_training_moves_only_the_prompt(tmp_path
         torch.testing.assert_close(trained[name], param, atol=0, rtol=0, msg=name)
 
 
-def test_precomputed_reference_log_probs_are_the_bare_models(tmp_path, tokenizer_dir):
-    trainer, base = dpo(tmp_path, tokenizer_dir, precompute_ref_log_probs=True)
-    data = trainer.train_dataset
-    collate = trainer.data_collator
+def assert_bare_reference_columns(trainer, base, data) -> None:
     model_columns = [c for c in data.column_names if not c.startswith("ref_")]
-    batch = collate([{c: data[i][c] for c in model_columns} for i in range(len(data))])
+    batch = trainer.data_collator([{c: data[i][c] for c in model_columns} for i in range(len(data))])
     with torch.no_grad():
-        expected = completion_logps(base, batch)
-    chosen, rejected = expected.chunk(2)
+        chosen, rejected = completion_logps(base, batch).chunk(2)
     torch.testing.assert_close(torch.tensor(data["ref_chosen_logps"]), chosen, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(torch.tensor(data["ref_rejected_logps"]), rejected, atol=1e-4, rtol=1e-5)
+
+
+def test_precomputed_reference_log_probs_are_the_bare_models(tmp_path, tokenizer_dir):
+    trainer, base = dpo(tmp_path, tokenizer_dir, precompute_ref_log_probs=True, learning_rate=0.5)
+    assert_bare_reference_columns(trainer, base, trainer.train_dataset)  # computed in __init__
+    trainer.train()
+    # evaluate(new_dataset) precomputes again, after training: without BaseModelReference TRL would
+    # score with the trained prompted model then (measured: 6.6 nats off), with it still the base.
+    later = trainer._prepare_dataset(preferences(6).map(lambda row: {"prompt": row["prompt"] + " the"}),
+                                     trainer.processing_class, trainer.args, "eval")
+    assert_bare_reference_columns(trainer, base, trainer._precompute_ref_logps(later, "eval", 2))
 
 
 def test_reference_needs_a_model_instance():

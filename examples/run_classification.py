@@ -18,11 +18,14 @@ Every `TrainingArguments` and `SoftPromptConfig` field is a flag (`--help` lists
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 import numpy as np
+from mean_pooling import MeanPooledBertForSequenceClassification
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -56,11 +59,11 @@ DEFAULTS: dict[str, Any] = dict(
     num_virtual_tokens=20,
     init="text",
     init_text="Is the sentiment of this review positive or negative?",
-    # placement="front": BERT's pooler then reads the first virtual token, a learned query over the
-    # whole input; it trained faster than after_first_token (the frozen [CLS]) in our measurements.
+    # placement="front"; with readout="mean" the pooled vector averages the virtual positions too.
+    readout="mean",
     # training
     output_dir="output/run_classification",
-    learning_rate=0.1,
+    learning_rate=0.03,
     num_train_epochs=5,
     warmup_steps=0.1,
     per_device_train_batch_size=16,
@@ -72,6 +75,32 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
+@dataclass
+class ReadoutArguments:
+    """What the classification head reads."""
+
+    readout: str = field(
+        default="mean",
+        metadata={"help": "mean: the mean of the encoder's outputs over the attended positions, prompt included "
+                          "(what sentence encoders such as all-MiniLM-L6-v2 were trained for; BERT-family models "
+                          "only); pooler: the model's own AutoModelForSequenceClassification head ([CLS] pooler "
+                          "for BERT, the last real token for decoder-only models).",
+                  "choices": ["mean", "pooler"]},
+    )
+
+
+def classifier_class(readout: str, model_type: str) -> type:
+    """The model class of `readout` for a base model of `model_type`."""
+    if readout == "pooler":
+        return AutoModelForSequenceClassification
+    if model_type != "bert":
+        raise ValueError(
+            f"--readout mean is implemented for BERT-family encoders (model_type 'bert'), got {model_type!r}. "
+            "Pass --readout pooler to use the model's own sequence-classification head."
+        )
+    return MeanPooledBertForSequenceClassification
+
+
 def label_names(dataset: datasets.Dataset, column: str) -> list[str]:
     """The class names: a `ClassLabel`'s own names, else the sorted distinct values as strings."""
     feature = dataset.features[column]
@@ -81,10 +110,12 @@ def label_names(dataset: datasets.Dataset, column: str) -> list[str]:
 
 
 def main() -> None:
-    model_args, data_args, prompt_config, training_args = parse_args(
-        (ModelArguments, DataArguments, SoftPromptConfig, TrainingArguments), DEFAULTS, default_model=minilm
+    model_args, data_args, readout_args, prompt_config, training_args = parse_args(
+        (ModelArguments, DataArguments, ReadoutArguments, SoftPromptConfig, TrainingArguments), DEFAULTS,
+        default_model=minilm,
     )
     model_args: ModelArguments
+    readout_args: ReadoutArguments
     data_args: DataArguments
     prompt_config: SoftPromptConfig
     training_args: TrainingArguments
@@ -100,7 +131,8 @@ def main() -> None:
         make_tiny_model("bert", [*raw["train"][data_args.text_column], prompt_config.init_text or ""],
                         model_args.model_name_or_path, seed=training_args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model_type = AutoConfig.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args)).model_type
+    model = classifier_class(readout_args.readout, model_type).from_pretrained(
         model_args.model_name_or_path, num_labels=len(names), id2label=dict(enumerate(names)),
         label2id=label_to_id, **load_kwargs(model_args),
     )
@@ -143,6 +175,7 @@ def main() -> None:
 
     results = {
         "model": model_args.model_name_or_path,
+        "readout": readout_args.readout,
         "num_virtual_tokens": prompt_config.num_virtual_tokens,
         "eval_examples": len(tokenized["validation"]),
         "before": {"accuracy": before["before_accuracy"]},

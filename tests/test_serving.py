@@ -250,3 +250,29 @@ def test_refuses_bad_token_ids_and_unknown_checkpoints(tmp_path):
     shutil.copy(os.path.join(base, "config.json"), no_weights)
     with pytest.raises(FileNotFoundError, match=r"No model.safetensors.index.json or model.safetensors in"):
         PromptEmbedder.from_pretrained(no_weights)
+
+
+def test_base_model_and_prompts_from_the_hub_read_one_shard(hub_server, tmp_path):
+    """Repo ids for the base model and the prompts; of a sharded base model only the shard holding the
+    embedding table is downloaded."""
+    from huggingface_hub import HfApi
+
+    base = _saved_base(tmp_path, max_shard_size="20KB")
+    with open(os.path.join(base, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    shards = set(weight_map.values())
+    assert len(shards) > 2
+    HfApi().create_repo("test-user/base")
+    HfApi().upload_folder(folder_path=base, repo_id="test-user/base")
+    model = _prompts(AutoModelForCausalLM.from_pretrained("test-user/base").eval(), SPECS)
+    save_soft_prompt(model, tmp_path / "prompts", push_to_hub=True, repo_id="test-user/prompts")
+    cache = os.path.join(os.environ["HF_HOME"], "hub")
+    shutil.rmtree(cache)  # what from_pretrained above downloaded
+
+    embedder = PromptEmbedder.from_pretrained("test-user/base", prompts={"mlp": "test-user/prompts",
+                                                                         "default": "test-user/prompts"})
+    torch.testing.assert_close(embedder(IDS, prompt="mlp"), _injected_embeds(model, IDS, "mlp"), rtol=0, atol=0)
+    torch.testing.assert_close(embedder(IDS, prompt="default"), _injected_embeds(model, IDS, "default"),
+                               rtol=0, atol=0)
+    downloaded = {name for _, _, files in os.walk(cache) for name in files if name.endswith(".safetensors")}
+    assert downloaded & shards == {weight_map["model.embed_tokens.weight"]}

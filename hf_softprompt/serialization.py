@@ -250,11 +250,24 @@ def load_soft_prompt_weights(model: nn.Module, directory: str | os.PathLike) -> 
         heads = head_tensors_by_path(tensors, bank.head_modules(name), where)
         loaded.append((name, prompt_state_dict(config, tensors), heads))
     for name, state, heads in loaded:  # every folder checked before any weight changes
-        bank[name].load_state_dict(state)
+        load_whole_state_dict(bank[name], state)
         for path, head_state in heads.items():
-            bank.head_modules(name)[path].load_state_dict(head_state)
+            load_whole_state_dict(bank.head_modules(name)[path], head_state)
     bank.active = active
     return model
+
+
+def load_whole_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """`module.load_state_dict(state)` of whole tensors, cut to this rank's shard where the
+    module's tensor is an FSDP2 shard (a collective then: every rank loads, as every rank trains)."""
+    if is_sharded(module):
+        from torch.distributed.tensor import distribute_tensor
+
+        current = module.state_dict()
+        state = {key: distribute_tensor(value.to(current[key].device, current[key].dtype),
+                                        current[key].device_mesh, current[key].placements)
+                 if isinstance(current.get(key), _DTensor) else value for key, value in state.items()}
+    module.load_state_dict(state)
 
 
 def has_saved_prompts(directory: str | os.PathLike | None) -> bool:

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from models import make_model  # noqa: E402
 
 from hf_softprompt import SoftPromptConfig, add_soft_prompt, save_soft_prompt  # noqa: E402
+from hf_softprompt.serialization import load_soft_prompt_weights  # noqa: E402
 
 STEPS, GLOBAL_BATCH, LENGTH, LR = 3, 4, 6, 0.5
 INIT_TEXT = "the movie was great"
@@ -80,8 +81,23 @@ def main(out: str, tokenizer_dir: str) -> None:
     model = train(rank, world_size)
     weight = model.soft_prompts["default"].embedding.weight
     written = save_soft_prompt(model, os.path.join(out, "final"))  # every rank: the prompt is gathered
+    # What the Trainer's save_model does under FSDP: gather the model's state dict on every rank
+    # (accelerator.get_state_dict), then rank 0 alone saves with it.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        save_soft_prompt(model, os.path.join(out, "trainer_style"), full_state_dict=gathered)
+    dist.barrier()
+    # Resume / load_best_model_at_end: load a saved adapter into the sharded prompt on every rank.
+    trained = weight.full_tensor().detach().clone()
+    with torch.no_grad():
+        weight.zero_()
+    load_soft_prompt_weights(model, os.path.join(out, "final"))
+    reloaded = weight.full_tensor().detach().clone()
     torch.save({
-        "prompt": weight.full_tensor().detach().clone(),
+        "prompt": trained,
+        "reloaded": reloaded,
         "prompt_is_sharded": isinstance(weight, DTensor),
         "local_rows": weight.to_local().shape[0],
         "embeddings_are_sharded": isinstance(model.get_input_embeddings().weight, DTensor),

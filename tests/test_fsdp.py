@@ -39,8 +39,11 @@ def test_sharded_training_equals_one_process_on_the_global_batch(fsdp_run):
     expected = reference.soft_prompts["default"].embedding.weight.detach()
     assert not torch.allclose(expected, _initial_prompt(), atol=1e-3)  # training moved it
     torch.testing.assert_close(rank0["prompt"], expected, atol=1e-5, rtol=0)
-    _, tensors = read_adapter(out / "final")
-    torch.testing.assert_close(tensors["prompt_embeddings"], rank0["prompt"], atol=0, rtol=0)
+    for folder in ("final", "trainer_style"):  # gathered by save_soft_prompt / given the Trainer's state dict
+        _, tensors = read_adapter(out / folder)
+        torch.testing.assert_close(tensors["prompt_embeddings"], rank0["prompt"], atol=0, rtol=0)
+    for rank in (rank0, rank1):  # loaded back into the sharded prompt (resume, load_best_model_at_end)
+        torch.testing.assert_close(rank["reloaded"], rank0["prompt"], atol=0, rtol=0)
 
 
 @pytest.mark.slow

@@ -172,6 +172,16 @@ def test_text_in_with_the_models_tokenizer(tmp_path, tokenizer_dir):
     ids = AutoTokenizer.from_pretrained(tokenizer_dir)("the movie was great")["input_ids"]
     assert embedder.encode("the movie was great") == ids
     torch.testing.assert_close(embedder("the movie was great", prompt="default"), embedder(ids, prompt="default"))
+    # A chat template (set here: the test tokenizer has none): the user turn, then the generation prompt.
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+                               "{% if add_generation_prompt %}<s> {% endif %}")
+    chatty = PromptEmbedder.from_pretrained(base, prompts=tmp_path / "p", tokenizer=tokenizer)
+    turn = AutoTokenizer.from_pretrained(tokenizer_dir)("<s> the movie </s> <s>", add_special_tokens=False)
+    assert chatty.encode("the movie", chat=True) == turn["input_ids"]
+    assert chatty.encode([{"role": "user", "content": "the movie"}]) == turn["input_ids"]
+    torch.testing.assert_close(chatty("the movie", prompt="default", chat=True),
+                               embedder(turn["input_ids"], prompt="default"))
 
 
 def test_encode_prompt_embeds_is_what_the_server_decodes():

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .bank import SoftPromptBank
+from .prompt import full_table
 
 
 class PromptHealth:
@@ -31,7 +32,7 @@ class PromptHealth:
     @torch.no_grad()
     def start(self, bank: SoftPromptBank) -> None:
         """Remember every prompt as it is now (the start of training)."""
-        self.initial = {name: bank[name]().detach().float().clone() for name in bank}
+        self.initial = {name: full_table(bank[name]()).detach().float().clone() for name in bank}
         self.grad_norms = {}
 
     @torch.no_grad()
@@ -44,10 +45,11 @@ class PromptHealth:
     @torch.no_grad()
     def metrics(self, bank: SoftPromptBank, embeddings: nn.Module) -> dict[str, float]:
         """`{"soft_prompt/<name>/<figure>": value}` for every prompt (see the module docstring)."""
-        vocab_norm = embeddings.weight.detach().float().norm(dim=-1).mean().item()
+        # Under FSDP2 the tables are shards (DTensors): the figures are of the whole ones.
+        vocab_norm = full_table(embeddings.weight).detach().float().norm(dim=-1).mean().item()
         figures: dict[str, float] = {}
         for name in bank:
-            prompt = bank[name]().detach().float()  # (P, D), what the model sees
+            prompt = full_table(bank[name]()).detach().float()  # (P, D), what the model sees
             key = f"soft_prompt/{name}"
             if name in self.grad_norms:
                 figures[f"{key}/grad_norm"] = self.grad_norms[name]

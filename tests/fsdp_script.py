@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from models import make_model  # noqa: E402
 
 from hf_softprompt import SoftPromptConfig, add_soft_prompt, save_soft_prompt  # noqa: E402
+from hf_softprompt.health import PromptHealth  # noqa: E402
 from hf_softprompt.serialization import load_soft_prompt_weights  # noqa: E402
 
 STEPS, GLOBAL_BATCH, LENGTH, LR = 3, 4, 6, 0.5
@@ -39,23 +40,27 @@ def shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-def train(rank: int = 0, world_size: int = 1) -> torch.nn.Module:
-    """A prompted tiny Llama trained STEPS SGD steps; with world_size > 1 sharded, each rank on its
-    rows of every global batch (all rows have LENGTH - 1 targets, so the mean of the ranks' mean
-    losses is the mean loss of the global batch)."""
+def train(rank: int = 0, world_size: int = 1) -> tuple[torch.nn.Module, dict[str, float]]:
+    """A prompted tiny Llama trained STEPS SGD steps, and its prompt-health figures at the end (as
+    the Trainer logs them); with world_size > 1 sharded, each rank on its rows of every global
+    batch (all rows have LENGTH - 1 targets, so the mean of the ranks' mean losses is the mean
+    loss of the global batch)."""
     model = make_model("llama", "causal_lm", initializer_range=0.2)
     add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=4))  # same seed: same init on every rank
     if world_size > 1:
         shard(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    health = PromptHealth()
+    health.start(model.soft_prompts)
     model.train()
     rows = GLOBAL_BATCH // world_size
     for ids in global_batches():
         mine = ids[rank * rows:(rank + 1) * rows]
         model(input_ids=mine, attention_mask=torch.ones_like(mine), labels=mine).loss.backward()
+        health.record_gradients(model.soft_prompts)
         optimizer.step()
         optimizer.zero_grad()
-    return model
+    return model, health.metrics(model.soft_prompts, model.get_input_embeddings())
 
 
 def initial_tables(tokenizer_dir: str, sharded: bool) -> dict[str, torch.Tensor]:
@@ -78,7 +83,7 @@ def main(out: str, tokenizer_dir: str) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     from torch.distributed.tensor import DTensor
 
-    model = train(rank, world_size)
+    model, figures = train(rank, world_size)
     weight = model.soft_prompts["default"].embedding.weight
     written = save_soft_prompt(model, os.path.join(out, "final"))  # every rank: the prompt is gathered
     # What the Trainer's save_model does under FSDP: gather the model's state dict on every rank
@@ -98,6 +103,7 @@ def main(out: str, tokenizer_dir: str) -> None:
     torch.save({
         "prompt": trained,
         "reloaded": reloaded,
+        "health": figures,
         "prompt_is_sharded": isinstance(weight, DTensor),
         "local_rows": weight.to_local().shape[0],
         "embeddings_are_sharded": isinstance(model.get_input_embeddings().weight, DTensor),

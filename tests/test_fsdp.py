@@ -35,7 +35,11 @@ def test_sharded_training_equals_one_process_on_the_global_batch(fsdp_run):
     torch.testing.assert_close(rank0["prompt"], rank1["prompt"], atol=0, rtol=0)
     assert [os.path.relpath(p, out) for p in rank0["written"]] and rank1["written"] == []
 
-    reference = train()  # one process, no sharding, the 4 rows of each batch at once
+    reference, figures = train()  # one process, no sharding, the 4 rows of each batch at once
+    for rank in (rank0, rank1):  # prompt-health logs: of the whole prompt and vocabulary, not shards
+        assert rank["health"].keys() == figures.keys()
+        for key, value in figures.items():
+            assert rank["health"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     expected = reference.soft_prompts["default"].embedding.weight.detach()
     assert not torch.allclose(expected, _initial_prompt(), atol=1e-3)  # training moved it
     torch.testing.assert_close(rank0["prompt"], expected, atol=1e-5, rtol=0)

@@ -159,6 +159,13 @@ def _check_model(model: nn.Module) -> nn.Module:
             "initialised from them. Load the weights first (from_pretrained without device_map='meta', "
             "or model.to_empty(...) and load_state_dict)."
         )
+    if hasattr(embeddings.weight, "ds_id"):  # created under deepspeed.zero.Init: (0,)-shaped partitions
+        raise ValueError(
+            f"{type(model).__name__}'s weights are partitioned by DeepSpeed ZeRO-3 (the model was created "
+            "under zero.Init, e.g. after TrainingArguments(deepspeed=<a stage-3 config>)), so a prompt cannot "
+            "be sized or initialised from them; hf-softprompt does not support ZeRO-3. Shard with FSDP2 "
+            "instead (TrainingArguments(fsdp='full_shard', fsdp_config={'fsdp_version': 2}))."
+        )
     if get_injector(model) is None and hasattr(model, BANK_MODULE_NAME):
         raise ValueError(f"{type(model).__name__} already has an attribute {BANK_MODULE_NAME!r}.")
     return embeddings

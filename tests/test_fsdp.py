@@ -63,3 +63,12 @@ def _initial_prompt() -> torch.Tensor:
     model = add_soft_prompt(make_model("llama", "causal_lm", initializer_range=0.2),
                             SoftPromptConfig(num_virtual_tokens=4))
     return model.soft_prompts["default"].embedding.weight.detach()
+
+
+def test_a_model_partitioned_by_deepspeed_zero3_is_refused_with_the_alternative():
+    model = make_model("llama", "causal_lm")
+    weight = model.get_input_embeddings().weight
+    weight.ds_id, weight.ds_shape = 0, weight.shape  # what deepspeed.zero.Init leaves on a parameter
+    with pytest.raises(ValueError, match="ZeRO-3.*fsdp_version"):
+        add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=4))
+    assert not hasattr(model, "soft_prompts")  # refused before anything was added

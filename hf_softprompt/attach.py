@@ -166,6 +166,12 @@ def _check_model(model: nn.Module) -> nn.Module:
             "be sized or initialised from them; hf-softprompt does not support ZeRO-3. Shard with FSDP2 "
             "instead (TrainingArguments(fsdp='full_shard', fsdp_config={'fsdp_version': 2}))."
         )
+    if embeddings.weight.dim() != 2:  # FSDP1 (use_orig_params=True) outside forward: a flat piece
+        raise ValueError(
+            f"{type(model).__name__}'s input embeddings read as a {tuple(embeddings.weight.shape)} tensor, not a "
+            "(vocabulary, width) table: the model is already wrapped by FSDP1, which keeps flattened pieces. "
+            "Add the prompt before wrapping (the Trainer does), or shard with FSDP2 (fully_shard)."
+        )
     if get_injector(model) is None and hasattr(model, BANK_MODULE_NAME):
         raise ValueError(f"{type(model).__name__} already has an attribute {BANK_MODULE_NAME!r}.")
     return embeddings

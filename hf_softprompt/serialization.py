@@ -67,8 +67,16 @@ def adapter_state_dict(model: nn.Module, name: str | None = None,
     paths = {id(module): path for path, module in model.named_modules()}
     state = whole_state_dict(prompt, paths[id(prompt)], full_state_dict)
     with torch.no_grad():  # the encoder runs on the whole weights, not on this rank's shard
-        exported = prompt() if not is_sharded(prompt) else torch.func.functional_call(prompt, state)
+        live = full_state_dict is None and not is_sharded(prompt)
+        exported = prompt() if live else torch.func.functional_call(prompt, state)
         tensors = {PROMPT_KEY: exported.detach().float().cpu().contiguous()}
+    if tuple(exported.shape) != (config.num_virtual_tokens, config.token_dim):
+        raise ValueError(
+            f"Prompt {name!r} reads as a {tuple(exported.shape)} tensor, not ({config.num_virtual_tokens}, "
+            f"{config.token_dim}): FSDP1 keeps a flattened piece of it on each rank. Save it from the gathered "
+            "state dict: trainer.save_model(), or on rank 0 save_soft_prompt(model, dir, full_state_dict=sd) "
+            "with sd from FullyShardedDataParallel.state_dict_type(..., FULL_STATE_DICT); or shard with FSDP2."
+        )
     if config.is_p_tuning:
         for key, value in state.items():
             tensors[STATE_PREFIX + key] = value.cpu().contiguous()
@@ -85,16 +93,17 @@ def is_sharded(module: nn.Module) -> bool:
 
 def whole_state_dict(module: nn.Module, path: str,
                      full_state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """`module.state_dict()` (detached) with each FSDP2 shard replaced by the whole tensor: from
-    `full_state_dict` (keyed from the model's root; `module` sits at `path`) when it holds it, else
-    gathered with `DTensor.full_tensor()`, a collective every rank must join."""
+    """`module.state_dict()` (detached) with the whole tensors: from `full_state_dict` (keyed from the
+    model's root; `module` sits at `path`) where it holds them (FSDP1 keeps only a piece of a
+    flattened parameter on each rank), else each FSDP2 shard gathered with `DTensor.full_tensor()`,
+    a collective every rank must join."""
     out = {}
     for key, value in module.state_dict().items():
-        if _DTensor is not None and isinstance(value, _DTensor):
+        if full_state_dict is not None and f"{path}.{key}" in full_state_dict:
+            value = full_state_dict[f"{path}.{key}"]
+        elif _DTensor is not None and isinstance(value, _DTensor):
             if full_state_dict is None:
                 value = value.full_tensor()
-            elif f"{path}.{key}" in full_state_dict:
-                value = full_state_dict[f"{path}.{key}"]
             else:  # gathering here now would wait for ranks that are not saving
                 raise ValueError(
                     f"The gathered state dict given to save the adapter has no {path}.{key!r}, and that "

@@ -40,27 +40,60 @@ def shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-def train(rank: int = 0, world_size: int = 1) -> tuple[torch.nn.Module, dict[str, float]]:
+def train(rank: int = 0, world_size: int = 1, fsdp_version: int = 2) -> tuple[torch.nn.Module, dict[str, float]]:
     """A prompted tiny Llama trained STEPS SGD steps, and its prompt-health figures at the end (as
-    the Trainer logs them); with world_size > 1 sharded, each rank on its rows of every global
-    batch (all rows have LENGTH - 1 targets, so the mean of the ranks' mean losses is the mean
-    loss of the global batch)."""
+    the Trainer logs them); with world_size > 1 sharded (FSDP2, or FSDP1 with use_orig_params=True,
+    the only FSDP1 that takes a trainable prompt next to frozen weights), each rank on its rows of
+    every global batch (all rows have LENGTH - 1 targets, so the mean of the ranks' mean losses is
+    the mean loss of the global batch). Returns the FSDP1 wrapper, else the model."""
     model = make_model("llama", "causal_lm", initializer_range=0.2)
     add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=4))  # same seed: same init on every rank
-    if world_size > 1:
+    runner = model
+    if world_size > 1 and fsdp_version == 2:
         shard(model)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    health = PromptHealth()
-    health.start(model.soft_prompts)
+    elif world_size > 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        runner = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({type(model.model.layers[0])}),
+                                          use_orig_params=True, device_id=torch.device("cpu"))
+    optimizer = torch.optim.SGD([p for p in runner.parameters() if p.requires_grad], lr=LR)
+    health = PromptHealth()  # FSDP1 keeps flattened pieces: no health figures there
+    if runner is model:
+        health.start(model.soft_prompts)
     model.train()
     rows = GLOBAL_BATCH // world_size
     for ids in global_batches():
         mine = ids[rank * rows:(rank + 1) * rows]
-        model(input_ids=mine, attention_mask=torch.ones_like(mine), labels=mine).loss.backward()
-        health.record_gradients(model.soft_prompts)
+        runner(input_ids=mine, attention_mask=torch.ones_like(mine), labels=mine).loss.backward()
+        if runner is model:
+            health.record_gradients(model.soft_prompts)
         optimizer.step()
         optimizer.zero_grad()
+    if runner is not model:
+        return runner, {}
     return model, health.metrics(model.soft_prompts, model.get_input_embeddings())
+
+
+def fsdp1(rank: int, world_size: int, out: str) -> torch.Tensor:
+    """Train under FSDP1 and save as the Trainer does (full state dict on rank 0, rank 0 saves with
+    it); returns the whole trained prompt."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrapped, _ = train(rank, world_size, fsdp_version=1)
+    model = wrapped.module
+    # offload_to_cpu=True crashes FSDP1 on a CPU-only model (the gathered storage is freed twice)
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+        gathered = wrapped.state_dict()
+    if rank == 0:
+        save_soft_prompt(model, os.path.join(out, "fsdp1"), full_state_dict=gathered)
+        try:  # the live parameter is a flattened piece (here: empty) on rank 0
+            save_soft_prompt(model, os.path.join(out, "fsdp1_live"))
+        except ValueError as err:
+            torch.save(str(err), os.path.join(out, "fsdp1_live_refusal.pt"))
+    with FSDP.summon_full_params(wrapped):
+        return model.soft_prompts["default"].embedding.weight.detach().clone()
 
 
 def initial_tables(tokenizer_dir: str, sharded: bool) -> dict[str, torch.Tensor]:
@@ -104,6 +137,7 @@ def main(out: str, tokenizer_dir: str) -> None:
         "prompt": trained,
         "reloaded": reloaded,
         "health": figures,
+        "fsdp1_prompt": fsdp1(rank, world_size, out),
         "prompt_is_sharded": isinstance(weight, DTensor),
         "local_rows": weight.to_local().shape[0],
         "embeddings_are_sharded": isinstance(model.get_input_embeddings().weight, DTensor),

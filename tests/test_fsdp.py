@@ -51,6 +51,18 @@ def test_sharded_training_equals_one_process_on_the_global_batch(fsdp_run):
 
 
 @pytest.mark.slow
+def test_fsdp1_with_orig_params_trains_and_saves_like_one_process(fsdp_run):
+    out, (rank0, rank1) = fsdp_run
+    expected = train()[0].soft_prompts["default"].embedding.weight.detach()
+    for rank in (rank0, rank1):
+        torch.testing.assert_close(rank["fsdp1_prompt"], expected, atol=1e-5, rtol=0)
+    _, tensors = read_adapter(out / "fsdp1")  # saved from the Trainer-style gathered state dict
+    torch.testing.assert_close(tensors["prompt_embeddings"], rank0["fsdp1_prompt"], atol=0, rtol=0)
+    assert "FSDP1 keeps a flattened piece" in torch.load(out / "fsdp1_live_refusal.pt")  # never a wrong file
+    assert not (out / "fsdp1_live").exists() or not any((out / "fsdp1_live").iterdir())
+
+
+@pytest.mark.slow
 def test_a_prompt_added_after_sharding_reads_the_whole_vocabulary(fsdp_run, tokenizer_dir):
     _, ranks = fsdp_run
     expected = initial_tables(tokenizer_dir, sharded=False)
@@ -72,3 +84,11 @@ def test_a_model_partitioned_by_deepspeed_zero3_is_refused_with_the_alternative(
     with pytest.raises(ValueError, match="ZeRO-3.*fsdp_version"):
         add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=4))
     assert not hasattr(model, "soft_prompts")  # refused before anything was added
+
+
+def test_a_model_already_wrapped_by_fsdp1_is_refused_with_the_order_to_use():
+    model = make_model("llama", "causal_lm")
+    with torch.no_grad():  # what FSDP1 (use_orig_params=True) leaves outside forward on a rank
+        model.get_input_embeddings().weight.data = torch.zeros(0)
+    with pytest.raises(ValueError, match="already wrapped by FSDP1.*before wrapping"):
+        add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=4))

@@ -57,9 +57,9 @@ class BaseModelReference(nn.Module):
         return self.prompted_model.config
 
     @property
-    def base_model(self) -> nn.Module:
+    def base_model(self) -> Any:
         """The backbone (no prompt is injected there, only at the model's own `forward`)."""
-        return self.prompted_model.base_model
+        return _with_root_unsharded(self.prompted_model, self.prompted_model.base_model)
 
     @property
     def device(self) -> Any:
@@ -80,9 +80,30 @@ class BaseModelReference(nn.Module):
         model = self.prompted_model
         if get_injector(model) is not None and ("soft_prompt_names" in kwargs or "soft_prompt_ids" in kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in ("soft_prompt_names", "soft_prompt_ids")}
-        return type(model).forward(model, *args, **kwargs)
+        return _with_root_unsharded(model, type(model).forward)(model, *args, **kwargs)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:
         """The base model's tensors, without the prompts (nor their own task heads)."""
         full = self.prompted_model.state_dict(*args, **kwargs)
         return {k: v for k, v in full.items() if not k.startswith(BANK_MODULE_NAME + ".")}
+
+
+def _with_root_unsharded(model: nn.Module, function: Any) -> Any:
+    """`function`, run with the weights of `model`'s own FSDP2 group (embeddings, final norm, LM head)
+    gathered when `model` is sharded: a call that bypasses `model.__call__` also bypasses the hook
+    that would gather them. Sharded submodules (decoder layers) gather their own as they run."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return function
+    if not isinstance(model, FSDPModule):
+        return function
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        model.unshard()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            model.reshard()
+
+    return run

@@ -111,6 +111,24 @@ def initial_tables(tokenizer_dir: str, sharded: bool) -> dict[str, torch.Tensor]
     return tables
 
 
+def bare_logps(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token log-probs of `ids` under `BaseModelReference(model)` (the DPO reference): its own
+    forward, and TRL's fused LM head on it (when TRL is installed)."""
+    from hf_softprompt import BaseModelReference
+
+    reference = BaseModelReference(model)
+    with torch.no_grad():
+        logits = reference(input_ids=ids).logits[:, :-1]
+        found = {"forward": torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)}
+        try:
+            from trl.trainer.utils import add_fused_lm_head
+        except ImportError:
+            return found
+        add_fused_lm_head(reference)
+        found["fused"] = reference(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    return found
+
+
 def main(out: str, tokenizer_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -138,6 +156,7 @@ def main(out: str, tokenizer_dir: str) -> None:
         "reloaded": reloaded,
         "health": figures,
         "fsdp1_prompt": fsdp1(rank, world_size, out),
+        "reference_logps": bare_logps(model, global_batches()[0]),
         "prompt_is_sharded": isinstance(weight, DTensor),
         "local_rows": weight.to_local().shape[0],
         "embeddings_are_sharded": isinstance(model.get_input_embeddings().weight, DTensor),
@@ -146,6 +165,7 @@ def main(out: str, tokenizer_dir: str) -> None:
         "backend": dist.get_backend(),
         "inits": initial_tables(tokenizer_dir, sharded=True),
     }, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 

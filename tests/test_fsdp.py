@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from fsdp_script import initial_tables, train
+from fsdp_script import global_batches, initial_tables, train
 from models import make_model
 from test_distributed import torchrun
 
@@ -48,6 +48,27 @@ def test_sharded_training_equals_one_process_on_the_global_batch(fsdp_run):
         torch.testing.assert_close(tensors["prompt_embeddings"], rank0["prompt"], atol=0, rtol=0)
     for rank in (rank0, rank1):  # loaded back into the sharded prompt (resume, load_best_model_at_end)
         torch.testing.assert_close(rank["reloaded"], rank0["prompt"], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_dpo_reference_of_a_sharded_model_is_the_bare_base_model(fsdp_run):
+    _, ranks = fsdp_run
+    ids = global_batches()[0]
+    bare = make_model("llama", "causal_lm", initializer_range=0.2)  # frozen in training: the base as it was
+    with torch.no_grad():
+        expected = torch.log_softmax(bare(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    for rank in ranks:
+        assert set(rank["reference_logps"]) == ({"forward", "fused"} if _has_trl() else {"forward"})
+        for path, logps in rank["reference_logps"].items():
+            torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5, msg=path)
+
+
+def _has_trl() -> bool:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.mark.slow

@@ -88,6 +88,8 @@ def test_loaded_prompts_and_named_folders(tmp_path):
         PromptEmbedder.from_pretrained(base, prompts={"nope": tmp_path / "prompts"})
     with pytest.raises(KeyError, match="No prompt named 'lstm'; this embedder serves"):
         embedder(IDS, prompt="lstm")
+    with pytest.raises(ValueError, match=r"Two saved prompts are named 'default'.*to rename one"):
+        PromptEmbedder.from_pretrained(base, prompts=[tmp_path / "prompts", tmp_path / "prompts"])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])

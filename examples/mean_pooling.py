@@ -4,7 +4,8 @@ all-MiniLM-L6-v2 and the other sentence-transformers models were trained to be r
 pooling over the attended positions; their [CLS] position and BERT pooler never were. Frozen,
 a linear probe on the [CLS] pooler scores ~63 % on the embedded sentiment data, on the mean
 ~84 % (`benchmarks/baselines.py`). `MeanPooledBertForSequenceClassification` is
-`BertForSequenceClassification` with that readout: the soft prompt and the new `classifier` train,
+`BertForSequenceClassification` with that readout (the mean, L2-normalised as the model's sentence
+embeddings are): the soft prompt and the new `classifier` train,
 everything else stays frozen, and hf-softprompt treats it like any sequence classifier (the class
 name ends in `ForSequenceClassification`; its head is called `classifier`).
 
@@ -29,7 +30,7 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
 
 
 class MeanPooledBertForSequenceClassification(BertPreTrainedModel):
-    """BERT encoder, mean pooling over attended positions, dropout, a linear `classifier`."""
+    """BERT encoder, L2-normalised mean over attended positions, dropout, a linear `classifier`."""
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -52,13 +53,13 @@ class MeanPooledBertForSequenceClassification(BertPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
-        """Logits (B, num_labels) from the mean of the last hidden states; cross-entropy with `labels`."""
+        """Logits (B, num_labels) from the normalised mean of the last hidden states; cross-entropy with `labels`."""
         outputs = self.bert(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions, return_dict=True,
         )
-        pooled = mean_pool(outputs.last_hidden_state, attention_mask)  # (B, D)
+        pooled = nn.functional.normalize(mean_pool(outputs.last_hidden_state, attention_mask), dim=-1)  # (B, D)
         logits = self.classifier(self.dropout(pooled))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels.view(-1))
         return SequenceClassifierOutput(

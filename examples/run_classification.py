@@ -1,7 +1,12 @@
 #!/usr/bin/env python
 """Prompt-tune a sequence classifier: a soft prompt plus the new classification head, the base frozen.
 
-Reports held-out accuracy before training (initial prompt, untrained head) and after, writes the
+The default recipe, for sentence encoders: the head reads the normalised mean of the encoder's
+outputs (`--readout mean`, examples/mean_pooling.py), and it is first fitted by a linear probe on
+the features the prompted model gives at initialisation (`--head_init probe`,
+examples/linear_probe.py); then the prompt and the head train together.
+
+Reports held-out accuracy before training (initial prompt, head as initialised) and after, writes the
 adapter, `results.json` and `nearest_tokens.txt` into `--output_dir`, and prints the vocabulary
 tokens nearest to each learned virtual token.
 
@@ -23,6 +28,8 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
+from linear_probe import fit_head_by_probe
 from mean_pooling import MeanPooledBertForSequenceClassification
 from transformers import (
     AutoConfig,
@@ -47,7 +54,7 @@ from utils import (
     write_report,
 )
 
-from hf_softprompt import SoftPromptConfig, SoftPromptTrainer
+from hf_softprompt import SoftPromptConfig, SoftPromptTrainer, get_active_soft_prompt
 
 # The settings of the measured run in examples/README.md; every one can be overridden by a flag.
 DEFAULTS: dict[str, Any] = dict(
@@ -56,7 +63,7 @@ DEFAULTS: dict[str, Any] = dict(
     label_column="label",
     max_length=64,
     # soft prompt
-    num_virtual_tokens=20,
+    num_virtual_tokens=8,
     init="text",
     init_text="Is the sentiment of this review positive or negative?",
     # placement="front"; with readout="mean" the pooled vector averages the virtual positions too.
@@ -87,6 +94,12 @@ class ReadoutArguments:
                           "for BERT, the last real token for decoder-only models).",
                   "choices": ["mean", "pooler"]},
     )
+    head_init: str = field(
+        default="probe",
+        metadata={"help": "probe: fit the new linear head by logistic regression on the features the prompted "
+                          "model gives at initialisation, before training (linear probing, then tuning); "
+                          "random: the model's own random initialisation.", "choices": ["probe", "random"]},
+    )
 
 
 def classifier_class(readout: str, model_type: str) -> type:
@@ -99,6 +112,20 @@ def classifier_class(readout: str, model_type: str) -> type:
             "Pass --readout pooler to use the model's own sequence-classification head."
         )
     return MeanPooledBertForSequenceClassification
+
+
+def probe_head(trainer: SoftPromptTrainer, train_dataset: datasets.Dataset, collator: Any) -> None:
+    """Fit the prompt's new linear head by a linear probe (logistic regression) on the training rows."""
+    heads = trainer.model.soft_prompts.head_modules(get_active_soft_prompt(trainer.model))
+    linear = [module for module in heads.values() if isinstance(module, torch.nn.Linear)]
+    if len(linear) != 1:
+        raise ValueError(
+            f"--head_init probe fits one linear head, but the prompt trains {sorted(heads)} "
+            f"({len(linear)} linear). Pass --head_init random."
+        )
+    batches = torch.utils.data.DataLoader(train_dataset, batch_size=trainer.args.per_device_eval_batch_size,
+                                          collate_fn=collator)  # in order: the probe must not draw the seed's RNG
+    fit_head_by_probe(trainer.model, linear[0], batches)
 
 
 def label_names(dataset: datasets.Dataset, column: str) -> list[str]:
@@ -157,6 +184,7 @@ def main() -> None:
         return accuracy.compute(predictions=np.argmax(prediction.predictions, axis=-1),
                                 references=prediction.label_ids)
 
+    collator = DataCollatorWithPadding(tokenizer)
     trainer = SoftPromptTrainer(
         model=model,
         args=training_args,
@@ -164,9 +192,11 @@ def main() -> None:
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"],
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=collator,
         compute_metrics=compute_metrics,
     )
+    if readout_args.head_init == "probe":
+        probe_head(trainer, tokenized["train"], collator)
 
     before = trainer.evaluate(metric_key_prefix="before")
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -176,6 +206,7 @@ def main() -> None:
     results = {
         "model": model_args.model_name_or_path,
         "readout": readout_args.readout,
+        "head_init": readout_args.head_init,
         "num_virtual_tokens": prompt_config.num_virtual_tokens,
         "eval_examples": len(tokenized["validation"]),
         "before": {"accuracy": before["before_accuracy"]},

@@ -32,14 +32,11 @@ class BaseModelReference(nn.Module):
         model (`PreTrainedModel`): a causal LM carrying soft prompts (or about to: the reference
             reads `model` at each call).
 
+    `SoftPromptMixin` passes it to a trainer that takes a `ref_model` and was given none.
+
     Example:
         ```python
-        from trl import DPOTrainer
-
-        class SoftPromptDPOTrainer(SoftPromptMixin, DPOTrainer):
-            def __init__(self, model, ref_model=None, *args, **kwargs):
-                ref_model = BaseModelReference(model) if ref_model is None else ref_model
-                super().__init__(model, ref_model, *args, **kwargs)
+        trainer = DPOTrainer(model=model, ref_model=BaseModelReference(model), args=args, ...)
         ```
     """
 

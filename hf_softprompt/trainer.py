@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from .bank import DEFAULT_NAME
 from .callbacks import PromptConfigs, SoftPromptCallback, put_first, trainable_counts
 from .inject import get_injector
 from .modelcard import MODEL_CARD_NAME, build_model_card, build_prompt_set_card
+from .reference import BaseModelReference
 from .serialization import (
     prompt_folder,
     push_adapter_folder,
@@ -40,7 +42,8 @@ class SoftPromptMixin:
     causal LM's target tokens as its loss does (`labels[:, 1:]`, also for models such as GPT-2 that
     declare no `loss_type`), puts the trainable-parameter count in the log history at the start of
     training, and pushes only the adapter files and soft-prompt model cards to the Hub
-    (`push_to_hub()` and every `hub_strategy`).
+    (`push_to_hub()` and every `hub_strategy`). A preference trainer given no `ref_model` (TRL's
+    `DPOTrainer`) gets `BaseModelReference(model)`: the base model without the prompt, no copy.
 
     Args:
         soft_prompt_config (`SoftPromptConfig` or `dict[str, SoftPromptConfig]`, *optional*, keyword
@@ -75,6 +78,7 @@ class SoftPromptMixin:
             callback = SoftPromptCallback(soft_prompt_config)
             callbacks.append(callback)
         callback._in_soft_prompt_trainer = True  # our overrides load adapter checkpoints and log counts
+        args, kwargs = with_base_model_reference(super().__init__, args, kwargs)
         super().__init__(*args, callbacks=callbacks, **kwargs)
         put_first(callback, self.callback_handler)  # its prompt-health figures reach the report_to loggers
 
@@ -215,6 +219,34 @@ class SoftPromptSeq2SeqTrainer(SoftPromptMixin, Seq2SeqTrainer):
                                            compute_metrics=rouge, soft_prompt_config=config)
         ```
     """
+
+
+def with_base_model_reference(init: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The arguments for `init` of a preference trainer (one with a `ref_model`, e.g. TRL's
+    `DPOTrainer`) given no reference: `ref_model=BaseModelReference(model)`, the base model under
+    the prompt, sharing its weights. Else TRL 1.16 loads a second copy of the model from its
+    `_name_or_path` or, with `precompute_ref_log_probs=True`, scores with the training model itself
+    (once training has begun, with its prompt: a later `evaluate()` precompute is then wrong)."""
+    try:
+        signature = inspect.signature(init)
+    except (TypeError, ValueError):  # a builtin or C-level init: no reference to fill in
+        return args, kwargs
+    if "ref_model" not in signature.parameters:
+        return args, kwargs
+    bound = signature.bind_partial(*args, **kwargs)
+    model = bound.arguments.get("model")
+    if bound.arguments.get("ref_model") is not None or not isinstance(model, nn.Module):
+        return args, kwargs  # the caller's own reference, or a model TRL loads from a name
+    if hasattr(model, "peft_config"):
+        return args, kwargs  # a PEFT model: TRL takes its reference by disabling the adapters
+    if getattr(bound.arguments.get("args"), "sync_ref_model", False):
+        raise ValueError(
+            "sync_ref_model=True moves the reference model towards the policy, but with a soft prompt the "
+            "reference is the frozen base model itself (no copy to move). Use sync_ref_model=False, or pass "
+            "your own ref_model=... to sync."
+        )
+    bound.arguments["ref_model"] = BaseModelReference(model)
+    return bound.args, bound.kwargs
 
 
 def _is_soft_prompt_callback(callback: Any) -> bool:

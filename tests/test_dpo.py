@@ -1,5 +1,5 @@
-"""TRL's DPOTrainer with `SoftPromptMixin` and `BaseModelReference` (the README's recipe): the reference
-is the base model without the prompt, sharing the policy's weights (no second copy), and TRL's
+"""TRL's DPOTrainer with `SoftPromptMixin` (the README's recipe), which gives it `BaseModelReference`: the
+reference is the base model without the prompt, sharing the policy's weights (no second copy), and TRL's
 loss equals the DPO loss of log-probs computed by hand: the prompt concatenated in front of an
 untouched copy of the model for the policy, that copy alone for the reference. Both prompt paths
 (gradient checkpointing puts the prompt in every row; without it the CPU default shares it), and
@@ -24,10 +24,7 @@ trl = pytest.importorskip("trl")  # in the test extra: always there in CI
 
 
 class SoftPromptDPOTrainer(SoftPromptMixin, trl.DPOTrainer):
-    """The README's recipe: the reference is the base model under the prompt, not a copy."""
-
-    def __init__(self, model, ref_model=None, *args, **kwargs):
-        super().__init__(model, BaseModelReference(model) if ref_model is None else ref_model, *args, **kwargs)
+    """The README's recipe: given no ref_model, the mixin passes BaseModelReference(model)."""
 
 
 def preferences(n: int = 8) -> Dataset:
@@ -121,6 +118,17 @@ def test_precomputed_reference_log_probs_are_the_bare_models(tmp_path, tokenizer
     later = trainer._prepare_dataset(preferences(6).map(lambda row: {"prompt": row["prompt"] + " the"}),
                                      trainer.processing_class, trainer.args, "eval")
     assert_bare_reference_columns(trainer, base, trainer._precompute_ref_logps(later, "eval", 2))
+
+
+def test_a_reference_of_ones_own_is_kept_and_sync_ref_model_is_refused(tmp_path, tokenizer_dir):
+    own = make_model("llama", "causal_lm", seed=3)
+    args = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    trainer = SoftPromptDPOTrainer(model=make_model("llama", "causal_lm"), ref_model=own, args=args,
+                                   train_dataset=preferences(), processing_class=tokenizer)
+    assert trainer.ref_model is own
+    with pytest.raises(ValueError, match="sync_ref_model=True.*frozen base model"):
+        dpo(tmp_path, tokenizer_dir, sync_ref_model=True)
 
 
 def test_reference_needs_a_model_instance():

@@ -23,9 +23,9 @@ def main(out: str) -> None:
     writes: list[str] = []
     save = callbacks_module.save_soft_prompt
 
-    def recording_save(model, directory):  # which rank writes adapter files, and where
+    def recording_save(model, directory, **kwargs):  # which rank writes adapter files, and where
         writes.append(os.path.relpath(directory, out))
-        return save(model, directory)
+        return save(model, directory, **kwargs)
 
     callbacks_module.save_soft_prompt = recording_save
 

@@ -111,6 +111,13 @@ def initial_tables(tokenizer_dir: str, sharded: bool) -> dict[str, torch.Tensor]
     return tables
 
 
+def prompted_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The trained prompted model's logits in evaluation (where the shared prompt cache may apply)."""
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
 def bare_logps(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-token log-probs of `ids` under `BaseModelReference(model)` (the DPO reference): its own
     forward, and TRL's fused LM head on it (when TRL is installed)."""
@@ -136,6 +143,11 @@ def main(out: str, tokenizer_dir: str) -> None:
 
     model, figures = train(rank, world_size)
     weight = model.soft_prompts["default"].embedding.weight
+    sharding = {  # as training left them (an evaluation forward leaves the root group gathered)
+        "prompt_is_sharded": isinstance(weight, DTensor),
+        "local_rows": weight.to_local().shape[0],
+        "embeddings_are_sharded": isinstance(model.get_input_embeddings().weight, DTensor),
+    }
     written = save_soft_prompt(model, os.path.join(out, "final"))  # every rank: the prompt is gathered
     # What the Trainer's save_model does under FSDP: gather the model's state dict on every rank
     # (accelerator.get_state_dict), then rank 0 alone saves with it.
@@ -157,9 +169,8 @@ def main(out: str, tokenizer_dir: str) -> None:
         "health": figures,
         "fsdp1_prompt": fsdp1(rank, world_size, out),
         "reference_logps": bare_logps(model, global_batches()[0]),
-        "prompt_is_sharded": isinstance(weight, DTensor),
-        "local_rows": weight.to_local().shape[0],
-        "embeddings_are_sharded": isinstance(model.get_input_embeddings().weight, DTensor),
+        "eval_logits": prompted_logits(model, global_batches()[0]),
+        **sharding,
         "written": written,
         "world_size": world_size,
         "backend": dist.get_backend(),

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from fsdp_script import global_batches, initial_tables, train
+from fsdp_script import global_batches, initial_tables, prompted_logits, train
 from models import make_model
 from test_distributed import torchrun
 
@@ -43,6 +43,9 @@ def test_sharded_training_equals_one_process_on_the_global_batch(fsdp_run):
     expected = reference.soft_prompts["default"].embedding.weight.detach()
     assert not torch.allclose(expected, _initial_prompt(), atol=1e-3)  # training moved it
     torch.testing.assert_close(rank0["prompt"], expected, atol=1e-5, rtol=0)
+    logits = prompted_logits(reference, global_batches()[0])
+    for rank in (rank0, rank1):  # evaluation of the sharded prompted model
+        torch.testing.assert_close(rank["eval_logits"], logits, atol=1e-4, rtol=1e-4)
     for folder in ("final", "trainer_style"):  # gathered by save_soft_prompt / given the Trainer's state dict
         _, tensors = read_adapter(out / folder)
         torch.testing.assert_close(tensors["prompt_embeddings"], rank0["prompt"], atol=0, rtol=0)

@@ -17,7 +17,7 @@ from datasets import Dataset
 from models import make_model
 from transformers import AutoTokenizer
 
-from hf_softprompt import BaseModelReference, SoftPromptConfig, SoftPromptMixin
+from hf_softprompt import BaseModelReference, SoftPromptCallback, SoftPromptConfig, SoftPromptMixin
 from hf_softprompt.inject import get_injector
 
 trl = pytest.importorskip("trl")  # in the test extra: always there in CI
@@ -63,6 +63,12 @@ def completion_logps(base, batch, prompt=None) -> torch.Tensor:
     return (per_token * batch["completion_mask"][:, 1:]).sum(1)
 
 
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO's sigmoid loss from per-row completion log-probs of a [chosen; rejected] batch."""
+    (pc, pr), (rc, rr) = policy.chunk(2), reference.chunk(2)
+    return -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
+
+
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_dpo_loss_equals_the_hand_made_loss_with_the_bare_model_as_reference(tmp_path, tokenizer_dir, checkpointing):
     trainer, base = dpo(tmp_path, tokenizer_dir, gradient_checkpointing=checkpointing)
@@ -77,11 +83,29 @@ def test_dpo_loss_equals_the_hand_made_loss_with_the_bare_model_as_reference(tmp
         reference = completion_logps(base, batch)
     width = batch["input_ids"].shape[1] - 1
     torch.testing.assert_close(seen[0][:, -width:].sum(1), reference, atol=1e-4, rtol=1e-5)
-    (pc, pr), (rc, rr) = policy.chunk(2), reference.chunk(2)
-    expected = -F.logsigmoid(trainer.beta * ((pc - rc) - (pr - rr))).mean()
+    expected = dpo_loss(policy, reference, trainer.beta)
     assert abs(float(policy.sum() - reference.sum())) > 1.0  # the prompt matters: a lost one would show
     torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
     loss.backward()
+
+
+def test_the_callback_with_stock_dpo_trainer_and_a_base_model_reference(tmp_path, tokenizer_dir):
+    model = make_model("llama", "causal_lm", initializer_range=0.2)
+    base = copy.deepcopy(model)
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, logging_steps=1,
+                         use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = trl.DPOTrainer(model=model, ref_model=BaseModelReference(model), args=args,
+                             train_dataset=preferences(), processing_class=AutoTokenizer.from_pretrained(tokenizer_dir),
+                             callbacks=[SoftPromptCallback(SoftPromptConfig(num_virtual_tokens=4))])
+    with torch.no_grad():
+        get_injector(model).bank["default"].embedding.weight.normal_(0, 1.0)
+    prompt = get_injector(model).bank["default"]().detach().clone()
+    batch = next(iter(trainer.get_train_dataloader()))  # every pair: the mean loss is the step's, in any order
+    trainer.train()
+    with torch.no_grad():
+        expected = dpo_loss(completion_logps(base, batch, prompt), completion_logps(base, batch), trainer.beta)
+    logged = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    assert logged == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_the_reference_holds_no_copy_and_training_moves_only_the_prompt(tmp_path, tokenizer_dir):

@@ -154,7 +154,7 @@ def trained(method: str) -> Callable[[int], dict[str, Any]]:
             common = dict(args=training_args(output_dir, seed, learning_rate), train_dataset=tokenized["train"],
                           eval_dataset=tokenized["validation"], processing_class=tokenizer,
                           data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
-            if method in ("ours", "ours_pooler"):
+            if method.startswith("ours"):
                 config = SoftPromptConfig(init="text", tokenizer_name_or_path=path, **prompt)
                 trainer = SoftPromptTrainer(model=model, soft_prompt_config=config, **common)
             else:

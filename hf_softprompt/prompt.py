@@ -123,9 +123,12 @@ def full_table(weight: torch.Tensor) -> torch.Tensor:
     """The whole embedding table: under FSDP2 (`fully_shard`) a parameter is a DTensor holding one
     shard per rank, and an init must read the rows of the full vocabulary, not this rank's shard.
     Gathering is a collective: every rank adds the prompt, as every rank sharded the model."""
-    if _DTensor is not None and isinstance(weight, _DTensor):
-        return weight.full_tensor()
-    return weight
+    return weight.full_tensor() if is_shard(weight) else weight
+
+
+def is_shard(tensor: object) -> bool:
+    """Whether `tensor` is one rank's shard of an FSDP2 (`fully_shard`) parameter: a DTensor."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
 def text_init_token_ids(config: SoftPromptConfig) -> torch.Tensor:

@@ -42,13 +42,9 @@ from .config import SoftPromptConfig
 from .hub import push_files
 from .inject import get_injector
 from .modelcard import MODEL_CARD_NAME, build_model_card, build_prompt_set_card, is_our_card
+from .prompt import is_shard
 
 INDEX_NAME = "soft_prompts.json"
-
-try:  # FSDP2's sharded parameters
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # torch built without distributed support
-    _DTensor = None
 
 
 def prompt_folder(name: str) -> str:
@@ -88,7 +84,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None,
 
 def is_sharded(module: nn.Module) -> bool:
     """Whether any tensor of `module` is an FSDP2 shard (a DTensor)."""
-    return _DTensor is not None and any(isinstance(t, _DTensor) for t in module.state_dict().values())
+    return any(is_shard(t) for t in module.state_dict().values())
 
 
 def whole_state_dict(module: nn.Module, path: str,
@@ -101,7 +97,7 @@ def whole_state_dict(module: nn.Module, path: str,
     for key, value in module.state_dict().items():
         if full_state_dict is not None and f"{path}.{key}" in full_state_dict:
             value = full_state_dict[f"{path}.{key}"]
-        elif _DTensor is not None and isinstance(value, _DTensor):
+        elif is_shard(value):
             if full_state_dict is None:
                 value = value.full_tensor()
             else:  # gathering here now would wait for ranks that are not saving
@@ -275,7 +271,7 @@ def load_whole_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]) 
         current = module.state_dict()
         state = {key: distribute_tensor(value.to(current[key].device, current[key].dtype),
                                         current[key].device_mesh, current[key].placements)
-                 if isinstance(current.get(key), _DTensor) else value for key, value in state.items()}
+                 if is_shard(current.get(key)) else value for key, value in state.items()}
     module.load_state_dict(state)
 
 

@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from hf_softprompt import SoftPromptConfig, add_soft_prompt, load_soft_prompt, save_soft_prompt  # noqa: E402
-from hf_softprompt.serialization import saved_prompt_names  # noqa: E402
+from hf_softprompt.files.save import saved_prompt_names  # noqa: E402
 from hf_softprompt.serving import PromptEmbedder  # noqa: E402
 
 

@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from utils import drop_nominal_gguf_quantizer, generate_answers, smollm2_gguf  # noqa: E402
 
 from hf_softprompt import load_soft_prompt  # noqa: E402
-from hf_softprompt.serialization import saved_prompt_names  # noqa: E402
+from hf_softprompt.files.save import saved_prompt_names  # noqa: E402
 from hf_softprompt.serving import PromptEmbedder  # noqa: E402
 
 

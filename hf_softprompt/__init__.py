@@ -4,7 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-from .attach import (  # noqa: E402
+from .config import SoftPromptConfig  # noqa: E402
+from .files.hub import HubError  # noqa: E402
+from .files.load import load_soft_prompt  # noqa: E402
+from .files.save import save_soft_prompt  # noqa: E402
+from .model.attach import (  # noqa: E402
     add_soft_prompt,
     get_active_soft_prompt,
     get_soft_prompt_config,
@@ -12,15 +16,11 @@ from .attach import (  # noqa: E402
     set_active_soft_prompt,
     soft_prompt_names,
 )
-from .callbacks import SoftPromptCallback  # noqa: E402
-from .config import SoftPromptConfig  # noqa: E402
-from .describe import describe_soft_prompt, format_nearest_tokens  # noqa: E402
-from .hub import HubError  # noqa: E402
-from .loading import load_soft_prompt  # noqa: E402
-from .metrics import PerPromptMetrics  # noqa: E402
-from .reference import BaseModelReference  # noqa: E402
-from .serialization import save_soft_prompt  # noqa: E402
-from .trainer import SoftPromptMixin, SoftPromptSeq2SeqTrainer, SoftPromptTrainer  # noqa: E402
+from .model.describe import describe_soft_prompt, format_nearest_tokens  # noqa: E402
+from .training.callback import SoftPromptCallback  # noqa: E402
+from .training.metrics import PerPromptMetrics  # noqa: E402
+from .training.reference import BaseModelReference  # noqa: E402
+from .training.trainer import SoftPromptMixin, SoftPromptSeq2SeqTrainer, SoftPromptTrainer  # noqa: E402
 
 __all__ = [
     "BaseModelReference",

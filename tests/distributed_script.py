@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 sys.path.insert(0, os.path.dirname(__file__))
 from models import make_model  # noqa: E402
 
-import hf_softprompt.callbacks as callbacks_module  # noqa: E402
+import hf_softprompt.training.callback as callbacks_module  # noqa: E402
 from hf_softprompt import SoftPromptConfig, SoftPromptTrainer  # noqa: E402
 
 

@@ -43,7 +43,7 @@ from transformers import (
 )
 
 from hf_softprompt import SoftPromptCallback, SoftPromptConfig, SoftPromptSeq2SeqTrainer, load_soft_prompt
-from hf_softprompt.inject import get_injector
+from hf_softprompt.model.injector import get_injector
 
 P = 4
 # What `trainer.save_model()` leaves in output_dir: the adapter and its model card (save_soft_prompt),

@@ -25,7 +25,7 @@ from hf_softprompt import (
     load_soft_prompt,
     save_soft_prompt,
 )
-from hf_softprompt.modelcard import build_model_card
+from hf_softprompt.files.model_card import build_model_card
 
 REPO = "me/sst2-prompt"
 BASE = "test-org/tiny-bert"
@@ -256,7 +256,7 @@ def test_trainer_background_push_failure_is_logged_not_fatal(hub_server, tmp_pat
     trainer = make_trainer(tmp_path, tokenizer_dir, save_strategy="steps", save_steps=2,
                            hub_strategy="every_save", hub_always_push=True)
     hub_server.fail_next(1, 500, path_contains="/commit/")
-    with caplog.at_level(logging.WARNING, logger="hf_softprompt.hub"):
+    with caplog.at_level(logging.WARNING, logger="hf_softprompt.files.hub"):
         trainer.train()
         trainer._finish_current_push()
     assert "Background push failed: Could not push to 'me/sst2-prompt' (HTTP 500)" in caplog.text

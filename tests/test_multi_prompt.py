@@ -23,7 +23,7 @@ from hf_softprompt import (
     set_active_soft_prompt,
     soft_prompt_names,
 )
-from hf_softprompt.inject import get_injector
+from hf_softprompt.model.injector import get_injector
 
 ATOL = 1e-5
 # Three prompts of different lengths and kinds; None rows run the bare model.

@@ -25,8 +25,8 @@ from hf_softprompt import (
     SoftPromptTrainer,
     soft_prompt_names,
 )
-from hf_softprompt.inject import get_injector
-from hf_softprompt.serialization import adapter_state_dict
+from hf_softprompt.files.save import adapter_state_dict
+from hf_softprompt.model.injector import get_injector
 
 CONFIGS = {"sentiment": SoftPromptConfig(num_virtual_tokens=4),
            "topics": SoftPromptConfig(num_virtual_tokens=6, encoder="mlp", encoder_hidden_size=16)}

@@ -13,12 +13,12 @@ from reference import make_batch
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, MistralConfig, StaticCache
 
 from hf_softprompt import SoftPromptConfig, add_soft_prompt
-from hf_softprompt.inject import get_injector
-from hf_softprompt.prompt_cache import SharedPromptCache
+from hf_softprompt.model.injector import get_injector
+from hf_softprompt.model.prompt_cache import SharedPromptCache
 
 P = 4
 ATOL = 1e-5
-LOGGER = "hf_softprompt.prompt_cache"
+LOGGER = "hf_softprompt.model.prompt_cache"
 DECODER_CASES = [c for c in CASES if c[0] in ("gpt2", "llama", "qwen2")]
 
 

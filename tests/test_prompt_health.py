@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from hf_softprompt import SoftPromptCallback, SoftPromptConfig, SoftPromptTrainer
-from hf_softprompt.inject import get_injector
+from hf_softprompt.model.injector import get_injector
 
 FIGURES = ("grad_norm", "norm_ratio", "cosine_to_init")
 
@@ -135,7 +135,7 @@ def test_nearest_tokens_are_logged_at_each_evaluation(tmp_path, tokenizer_dir, c
     trainer = Trainer(model=make_model("gpt2", "seq_cls"), args=args(tmp_path, eval_strategy="steps", eval_steps=3),
                       train_dataset=rows(), eval_dataset=rows(4, seed=1), processing_class=tokenizer,
                       data_collator=collator(tokenizer_dir), callbacks=[callback])
-    with caplog.at_level(logging.INFO, logger="hf_softprompt.callbacks"):
+    with caplog.at_level(logging.INFO, logger="hf_softprompt.training.callback"):
         trainer.train()
     table = callback.nearest_tokens["default"]
     assert table.splitlines()[0].startswith("virtual token")

@@ -26,9 +26,9 @@ from hf_softprompt import (
     save_soft_prompt,
     soft_prompt_names,
 )
-from hf_softprompt.inject import get_injector
-from hf_softprompt.serialization import load_soft_prompt_weights
-from hf_softprompt.trainer import last_complete_checkpoint
+from hf_softprompt.files.save import load_soft_prompt_weights
+from hf_softprompt.model.injector import get_injector
+from hf_softprompt.training.trainer import last_complete_checkpoint
 
 HERE = os.path.dirname(__file__)
 
@@ -168,7 +168,7 @@ def test_a_failed_add_leaves_the_model_as_it_was(bad):
 
 
 def test_a_failure_late_in_attach_is_rolled_back(monkeypatch):
-    import hf_softprompt.attach as attach
+    import hf_softprompt.model.attach as attach
 
     model = add_soft_prompt(make_model("bert", "seq_cls"), SoftPromptConfig(num_virtual_tokens=2))
     before = _snapshot(model)

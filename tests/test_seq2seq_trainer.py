@@ -25,7 +25,7 @@ from hf_softprompt import (
     SoftPromptTrainer,
     add_soft_prompt,
 )
-from hf_softprompt.inject import get_injector
+from hf_softprompt.model.injector import get_injector
 
 
 def rows(n=6, prompt_ids=None, seed=0):

@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from hf_softprompt import SoftPromptConfig, add_soft_prompt, load_soft_prompt, save_soft_prompt
-from hf_softprompt.inject import get_injector
-from hf_softprompt.serialization import (
+from hf_softprompt.files.save import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     load_soft_prompt_weights,
     read_adapter,
 )
+from hf_softprompt.model.injector import get_injector
 
 P = 4
 ADAPTER = {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME}
@@ -86,7 +86,7 @@ def test_exact_files_and_peft_only_json(tmp_path, encoder):
 
 @pytest.mark.parametrize("failing", ["weights", "config"])
 def test_a_crash_while_saving_leaves_the_last_good_adapter(tmp_path, monkeypatch, failing):
-    import hf_softprompt.serialization as serialization
+    import hf_softprompt.files.save as serialization
 
     model = trained("gpt2", "causal_lm")
     save_soft_prompt(model, tmp_path)

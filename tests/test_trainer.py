@@ -30,9 +30,9 @@ from hf_softprompt import (
     remove_soft_prompt,
     save_soft_prompt,
 )
-from hf_softprompt.callbacks import prepare_model
-from hf_softprompt.inject import get_injector
-from hf_softprompt.serialization import adapter_state_dict, read_adapter
+from hf_softprompt.files.save import adapter_state_dict, read_adapter
+from hf_softprompt.model.injector import get_injector
+from hf_softprompt.training.callback import prepare_model
 
 P = 4
 PROMPT = SoftPromptConfig(num_virtual_tokens=P)

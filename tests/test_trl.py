@@ -15,7 +15,7 @@ from models import make_model
 from transformers import AutoTokenizer
 
 from hf_softprompt import SoftPromptCallback, SoftPromptConfig, SoftPromptMixin, remove_soft_prompt
-from hf_softprompt.inject import get_injector
+from hf_softprompt.model.injector import get_injector
 
 trl = pytest.importorskip("trl")  # in the test extra: always there in CI
 

@@ -21,7 +21,11 @@ from huggingface_hub import CommitInfo
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter_format import (
+from ..config import SoftPromptConfig
+from ..model.bank import DEFAULT_NAME
+from ..model.injector import get_injector
+from ..prompt import is_shard
+from .adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_FILES,
     ADAPTER_WEIGHTS_NAME,
@@ -37,12 +41,8 @@ from .adapter_format import (
     write_atomically,
     write_text,
 )
-from .bank import DEFAULT_NAME
-from .config import SoftPromptConfig
 from .hub import push_files
-from .inject import get_injector
-from .modelcard import MODEL_CARD_NAME, build_model_card, build_prompt_set_card, is_our_card
-from .prompt import is_shard
+from .model_card import MODEL_CARD_NAME, build_model_card, build_prompt_set_card, is_our_card
 
 INDEX_NAME = "soft_prompts.json"
 
@@ -385,6 +385,6 @@ def _require_bank(model: nn.Module):
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

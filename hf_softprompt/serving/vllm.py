@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .adapter_format import PROMPT_KEY, read_adapter_files
-from .config import Placement, SoftPromptConfig, TaskType
-from .hub import download_files
-from .loading import _choose, _same_name, _Source
+from ..config import Placement, SoftPromptConfig, TaskType
+from ..files.adapter import PROMPT_KEY, read_adapter_files
+from ..files.hub import download_files
+from ..files.load import _choose, _same_name, _Source
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import SoftPromptConfig
-from .prompt import SoftPrompt
+from ..config import SoftPromptConfig
+from ..prompt import SoftPrompt
 
 DEFAULT_NAME = "default"
 BANK_MODULE_NAME = "soft_prompts"

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .config import SoftPromptConfig, TaskType
+from ..config import SoftPromptConfig, TaskType
 
 LIBRARY_NAME = "hf-softprompt"
 MODEL_CARD_NAME = "README.md"

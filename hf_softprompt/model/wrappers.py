@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .routing import RowPrompts, VirtualBlock, rows_in_use
+from .rows import RowPrompts, VirtualBlock, rows_in_use
 
 if TYPE_CHECKING:
-    from .inject import SoftPromptInjector
+    from .injector import SoftPromptInjector
 
 CHOICE_ARGUMENTS = ("soft_prompt_names", "soft_prompt_ids")  # per-row prompt choice, popped by us
 # The injector whose `forward` call is running in this thread/task: a `forward` wrapper of the same

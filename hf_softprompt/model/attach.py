@@ -17,11 +17,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..config import Placement, SoftPromptConfig, TaskType
+from ..prompt import SoftPrompt
 from .bank import BANK_MODULE_NAME, DEFAULT_NAME, SoftPromptBank
-from .config import Placement, SoftPromptConfig, TaskType
 from .heads import copy_module, install_routing, uninstall_routing
-from .inject import get_injector, install_injector, max_positions, uninstall_injector
-from .prompt import SoftPrompt
+from .injector import get_injector, install_injector, max_positions, uninstall_injector
 from .tasks import TASK_SPECS, infer_task_type
 
 # Settings of the injection itself: every prompt on one model must agree on them.

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from .bank import BANK_MODULE_NAME
-from .inject import get_injector
+from ..model.bank import BANK_MODULE_NAME
+from ..model.injector import get_injector
 
 
 class BaseModelReference(nn.Module):

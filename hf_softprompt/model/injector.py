@@ -33,9 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import Placement, SoftPromptConfig, TaskType
 from .bank import BANK_MODULE_NAME, SoftPromptBank
-from .config import Placement, SoftPromptConfig, TaskType
-from .methods import (
+from .prompt_cache import SHARED, SharedPromptCache
+from .rows import Layout, RowPrompts, VirtualBlock, choose_rows, current_rows, gather_rows
+from .tasks import TASK_SPECS, TaskSpec, cache_argument, is_decoder_only
+from .wrappers import (
     CHOICE_ARGUMENTS,
     EncoderForward,
     MethodWrapper,
@@ -43,9 +46,6 @@ from .methods import (
     PromptedGenerate,
     Seq2SeqForward,
 )
-from .prompt_cache import SHARED, SharedPromptCache
-from .routing import Layout, RowPrompts, VirtualBlock, choose_rows, current_rows, gather_rows
-from .tasks import TASK_SPECS, TaskSpec, cache_argument, is_decoder_only
 
 _INJECTOR_ATTR = "_soft_prompt_injector"
 

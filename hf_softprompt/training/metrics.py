@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from transformers import EvalPrediction
 
-from .routing import NO_PROMPT
+from ..model.rows import NO_PROMPT
 
 
 class PerPromptMetrics:

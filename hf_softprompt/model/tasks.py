@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import TaskType
+from ..config import TaskType
 
 
 @dataclass(frozen=True)

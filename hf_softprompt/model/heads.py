@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .bank import SoftPromptBank
-from .routing import NO_PROMPT, current_rows
+from .rows import NO_PROMPT, current_rows
 
 
 def copy_module(module: nn.Module) -> nn.Module:

@@ -32,7 +32,12 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from .adapter_format import (
+from ..config import SoftPromptConfig
+from ..model.attach import attach_soft_prompt, remove_soft_prompt, resolve_trainable_modules
+from ..model.bank import DEFAULT_NAME
+from ..model.injector import get_injector
+from ..model.tasks import infer_task_type
+from .adapter import (
     ADAPTER_BIN_NAME,
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -42,13 +47,8 @@ from .adapter_format import (
     prompt_state_dict,
     read_adapter_files,
 )
-from .attach import attach_soft_prompt, remove_soft_prompt, resolve_trainable_modules
-from .bank import DEFAULT_NAME
-from .config import SoftPromptConfig
 from .hub import download_files
-from .inject import get_injector
-from .serialization import INDEX_NAME, prompt_folder, read_index
-from .tasks import infer_task_type
+from .save import INDEX_NAME, prompt_folder, read_index
 
 
 def load_soft_prompt(

@@ -18,14 +18,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 
-from .attach import add_soft_prompt, remove_soft_prompt
-from .bank import DEFAULT_NAME
-from .config import SoftPromptConfig
-from .describe import describe_soft_prompt, format_nearest_tokens
+from ..config import SoftPromptConfig
+from ..files.save import save_soft_prompt
+from ..model.attach import add_soft_prompt, remove_soft_prompt
+from ..model.bank import DEFAULT_NAME
+from ..model.describe import describe_soft_prompt, format_nearest_tokens
+from ..model.injector import get_injector
+from .checkpoints import adopt_trainer_hooks
 from .health import PromptHealth
-from .inject import get_injector
-from .serialization import save_soft_prompt
-from .trainer_hooks import adopt_trainer_hooks
 
 PromptConfigs = SoftPromptConfig | Mapping[str, SoftPromptConfig]
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inject import get_injector
+from .injector import get_injector
 
 
 @torch.no_grad()

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inject import get_injector
-from .serialization import has_saved_prompts, load_soft_prompt_weights
+from ..files.save import has_saved_prompts, load_soft_prompt_weights
+from ..model.injector import get_injector
 
 logger = logging.getLogger(__name__)
 

@@ -16,18 +16,18 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
-from .adapter_format import local_adapter_files, read_adapter_files
-from .bank import DEFAULT_NAME
-from .callbacks import PromptConfigs, SoftPromptCallback, put_first, trainable_counts
-from .inject import get_injector
-from .modelcard import MODEL_CARD_NAME, build_model_card, build_prompt_set_card
-from .reference import BaseModelReference
-from .serialization import (
+from ..files.adapter import local_adapter_files, read_adapter_files
+from ..files.model_card import MODEL_CARD_NAME, build_model_card, build_prompt_set_card
+from ..files.save import (
     prompt_folder,
     push_adapter_folder,
     saved_prompt_names,
 )
-from .trainer_hooks import get_num_items_in_batch, load_best_model, load_from_checkpoint
+from ..model.bank import DEFAULT_NAME
+from ..model.injector import get_injector
+from .callback import PromptConfigs, SoftPromptCallback, put_first, trainable_counts
+from .checkpoints import get_num_items_in_batch, load_best_model, load_from_checkpoint
+from .reference import BaseModelReference
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .routing import RowPrompts, rows_in_use
+from .rows import RowPrompts, rows_in_use
 from .tasks import TaskSpec, cache_argument, is_decoder_only
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bank import SoftPromptBank
-from .prompt import full_table
+from ..model.bank import SoftPromptBank
+from ..prompt import full_table
 
 
 class PromptHealth:

@@ -1,0 +1,1 @@
+"""Adapter files, saving, loading, the Hub and model cards."""

@@ -1,0 +1,1 @@
+"""Putting prompts on a model and running its calls."""

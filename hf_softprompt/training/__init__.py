@@ -1,0 +1,1 @@
+"""The Trainer side: callback, trainer mixin, checkpoint hooks, reference model, health, metrics."""

@@ -14,7 +14,7 @@ exactly T). Variants, taking turns in one process (a busy machine slows them ali
 - `transformers generate(), soft prompts (mixed)`: the base model with the same K prompts
   (`load_soft_prompt`), `generate(..., soft_prompt_names=...)` in batches of `--batch-size`.
 
-Usage (in the vLLM environment, README "Serving"):
+Usage (in the vLLM environment, docs/serving.md):
     python benchmarks/bench_vllm.py --out benchmarks/results.md --append
 """
 
@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from hf_softprompt import SoftPromptConfig, add_soft_prompt, load_soft_prompt, save_soft_prompt  # noqa: E402
-from hf_softprompt.files.save import saved_prompt_names  # noqa: E402
+from hf_softprompt.files.prompt_set import saved_prompt_names  # noqa: E402
 from hf_softprompt.serving import PromptEmbedder  # noqa: E402
 
 

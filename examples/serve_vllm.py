@@ -15,7 +15,7 @@ SmolLM2-135M-Instruct once with transformers (`from_pretrained(dir, gguf_file=..
 `save_pretrained`, float32 safetensors, ~0.5 GB) into `--base_model` and serves that; the prompts were
 trained on the same dequantized weights, so `check_base_model=False` accepts the new path.
 
-Run it in the vLLM environment (README "Serving"), after `run_multitask.py`:
+Run it in the vLLM environment (docs/serving.md), after `run_multitask.py`:
 
     python examples/run_multitask.py --output_dir output/run_multitask          # trains, ~9 min on 2 cores
     python examples/serve_vllm.py --prompts output/run_multitask
@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from utils import drop_nominal_gguf_quantizer, generate_answers, smollm2_gguf  # noqa: E402
 
 from hf_softprompt import load_soft_prompt  # noqa: E402
-from hf_softprompt.files.save import saved_prompt_names  # noqa: E402
+from hf_softprompt.files.prompt_set import saved_prompt_names  # noqa: E402
 from hf_softprompt.serving import PromptEmbedder  # noqa: E402
 
 

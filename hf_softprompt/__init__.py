@@ -16,6 +16,7 @@ from .model.attach import (  # noqa: E402
     set_active_soft_prompt,
     soft_prompt_names,
 )
+from .model.bare import without_soft_prompt  # noqa: E402
 from .model.describe import describe_soft_prompt, format_nearest_tokens  # noqa: E402
 from .training.callback import SoftPromptCallback  # noqa: E402
 from .training.metrics import PerPromptMetrics  # noqa: E402
@@ -42,4 +43,5 @@ __all__ = [
     "save_soft_prompt",
     "set_active_soft_prompt",
     "soft_prompt_names",
+    "without_soft_prompt",
 ]

@@ -8,7 +8,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 CONFIG_NAME = "soft_prompt_config.json"
 
@@ -50,6 +50,8 @@ class TaskType(str, enum.Enum):
 # MLP encoders always have exactly two hidden layers (as in PEFT); any other count is ignored.
 MLP_NUM_LAYERS = 2
 
+_E = TypeVar("_E", bound=enum.Enum)
+
 
 def _parse_enum(enum_cls: type[enum.Enum], value: Any, name: str, upper: bool = False) -> Any:
     """Accept an enum member or its value in any case (PEFT writes `TEXT`, we write `text`)."""
@@ -62,6 +64,20 @@ def _parse_enum(enum_cls: type[enum.Enum], value: Any, name: str, upper: bool = 
                 return member
     allowed = ", ".join(repr(m.value) for m in enum_cls)
     raise ValueError(f"{name} must be one of {allowed} (case-insensitive), got {value!r}.")
+
+
+def config_enum(enum_cls: type[_E], value: object, name: str) -> _E:
+    """The enum field `name` of a built `SoftPromptConfig`, as the member it holds.
+
+    The fields are typed `Member | str` because the constructor takes either; `__post_init__` (run by
+    `dataclasses.replace` too) stores the member. A clear error for a field that holds none: None
+    (no `task_type` or `encoder`), or a string assigned after the config was built."""
+    if isinstance(value, enum_cls):
+        return value
+    raise ValueError(
+        f"SoftPromptConfig.{name} is {value!r}, not a {enum_cls.__name__}. Set it when building the config "
+        f"(SoftPromptConfig({name}=...) or dataclasses.replace(config, {name}=...)), which parses it."
+    )
 
 
 @dataclass
@@ -87,8 +103,8 @@ class SoftPromptConfig:
             `[]` trains the prompt alone.
         base_model_name_or_path (`str`, *optional*): filled from the model when the prompt is added.
         shared_prompt_cache (`bool`, *optional*): decoder-only models compute the prompt once per
-            batch and let every row attend to its keys/values (same results, less compute), and
-            reuse them across `generate()` calls. `None` (default): wherever that is faster, i.e.
+            call and let every row attend to its keys/values (same results, less compute; a
+            `generate()` computes them once, at its first step). `None` (default): wherever that is faster, i.e.
             always except training on an accelerator (measured slower there); `True`: wherever
             the model can; `False`: never. Models and calls that cannot (sliding-window caches,
             activation checkpointing in training, encoders) concatenate it to every row.
@@ -139,7 +155,7 @@ class SoftPromptConfig:
     shared_prompt_cache: bool | None = field(
         default=None,
         metadata={"help": "Decoder-only models: run the prompt once per batch and share its "
-                          "keys/values across rows and generate() calls. Unset: where it is faster "
+                          "keys/values across rows (once per call, once per generate()). Unset: where it is faster "
                           "(not in training on a GPU); true: wherever possible; false: never."},
     )
 
@@ -167,8 +183,9 @@ class SoftPromptConfig:
                     f"{' and '.join(missing)}. Pass them, or use init='random' or 'sample_vocab'."
                 )
         elif self.tokenizer_kwargs:
+            init = getattr(self.init, "value", self.init)
             raise ValueError(
-                f"tokenizer_kwargs is only used with init='text', got init={self.init.value!r} and "
+                f"tokenizer_kwargs is only used with init='text', got init={init!r} and "
                 f"tokenizer_kwargs={self.tokenizer_kwargs!r}. Remove tokenizer_kwargs."
             )
         if self.tokenizer_kwargs and "trust_remote_code" in self.tokenizer_kwargs:

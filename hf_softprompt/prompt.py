@@ -7,12 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EncoderType, PromptInit, SoftPromptConfig
-
-try:  # FSDP2's sharded parameters
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # torch built without distributed support
-    _DTensor = None
+from .accessors import weight_of
+from .config import EncoderType, PromptInit, SoftPromptConfig, config_enum
+from .distributed import full_table
 
 
 class MLPPromptEncoder(nn.Sequential):
@@ -104,31 +101,22 @@ def initial_prompt(config: SoftPromptConfig, word_embeddings: nn.Module | None) 
     """The (P, D) float32 starting table for `config.init` (random, sample_vocab or text)."""
     num, dim = config.num_virtual_tokens, config.token_dim
     if config.init is PromptInit.RANDOM:
+        if dim is None:
+            raise ValueError("initial_prompt needs config.token_dim; add_soft_prompt fills it in.")
         # Same scale as real token embeddings, so the prompt starts where the model expects input.
         std = 0.02
         if word_embeddings is not None and getattr(word_embeddings, "weight", None) is not None:
-            std = float(full_table(word_embeddings.weight).detach().float().std()) or 0.02
+            std = float(full_table(weight_of(word_embeddings)).detach().float().std()) or 0.02
         return torch.randn(num, dim) * std
     if word_embeddings is None:
-        raise ValueError(f"init={config.init.value!r} needs the model's input embeddings.")
-    weight = full_table(word_embeddings.weight)
+        raise ValueError(f"init={config_enum(PromptInit, config.init, 'init').value!r} needs the model's input "
+                         "embeddings.")
+    weight = full_table(weight_of(word_embeddings))
     if config.init is PromptInit.SAMPLE_VOCAB:
         token_ids = torch.randint(0, weight.shape[0], (num,))
     else:
         token_ids = text_init_token_ids(config)
     return weight.detach()[token_ids.to(weight.device)].float().cpu().clone()
-
-
-def full_table(weight: torch.Tensor) -> torch.Tensor:
-    """The whole embedding table: under FSDP2 (`fully_shard`) a parameter is a DTensor holding one
-    shard per rank, and an init must read the rows of the full vocabulary, not this rank's shard.
-    Gathering is a collective: every rank adds the prompt, as every rank sharded the model."""
-    return weight.full_tensor() if is_shard(weight) else weight
-
-
-def is_shard(tensor: object) -> bool:
-    """Whether `tensor` is one rank's shard of an FSDP2 (`fully_shard`) parameter: a DTensor."""
-    return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
 def text_init_token_ids(config: SoftPromptConfig) -> torch.Tensor:

@@ -14,20 +14,20 @@ from transformers import TrainingArguments
 sys.path.insert(0, os.path.dirname(__file__))
 from models import make_model  # noqa: E402
 
-import hf_softprompt.training.callback as callbacks_module  # noqa: E402
+import hf_softprompt.files.save as save_module  # noqa: E402
 from hf_softprompt import SoftPromptConfig, SoftPromptTrainer  # noqa: E402
 
 
 def main(out: str) -> None:
     rank = int(os.environ["RANK"])
     writes: list[str] = []
-    save = callbacks_module.save_soft_prompt
+    save = save_module.save_soft_prompt
 
     def recording_save(model, directory, **kwargs):  # which rank writes adapter files, and where
         writes.append(os.path.relpath(directory, out))
         return save(model, directory, **kwargs)
 
-    callbacks_module.save_soft_prompt = recording_save
+    save_module.save_soft_prompt = recording_save
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 96, (16, 6), generator=g)

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from models import make_model  # noqa: E402
 
 from hf_softprompt import SoftPromptConfig, add_soft_prompt, save_soft_prompt  # noqa: E402
-from hf_softprompt.files.save import load_soft_prompt_weights  # noqa: E402
+from hf_softprompt.files.load import load_soft_prompt_weights  # noqa: E402
 from hf_softprompt.training.health import PromptHealth  # noqa: E402
 
 STEPS, GLOBAL_BATCH, LENGTH, LR = 3, 4, 6, 0.5

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from hf_softprompt.files.save import read_adapter
+from hf_softprompt.files.load import read_adapter
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_script.py")
 

@@ -14,7 +14,7 @@ from models import make_model
 from test_distributed import torchrun
 
 from hf_softprompt import SoftPromptConfig, add_soft_prompt
-from hf_softprompt.files.save import read_adapter
+from hf_softprompt.files.load import read_adapter
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "fsdp_script.py")
 

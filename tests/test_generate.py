@@ -128,3 +128,85 @@ def test_prompt_changes_generation():
     plain = base.generate(input_ids=ids, **gen_kwargs())
     with_prompt = model.generate(input_ids=ids, **gen_kwargs())
     assert plain.tolist() != with_prompt.tolist()
+
+
+def two_prompts(family="llama"):
+    base = make_model(family, "causal_lm")
+    model = copy.deepcopy(base)
+    for name, n in (("a", 2), ("b", 5)):
+        add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=n), name=name)
+        with torch.no_grad():
+            model.soft_prompts[name].embedding.weight.normal_(0, 1.0)
+    return base, model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("shared", [True, False])
+@torch.no_grad()
+def test_a_hand_written_decoding_loop_equals_generate(family, shared):
+    """A loop that passes the cache back with a mask of its own tokens (no prompt) and no positions:
+    the decode steps widen the mask and move positions themselves."""
+    base = make_model(family, "causal_lm")
+    model = copy.deepcopy(base)
+    for name, n in (("a", 2), ("b", 5)):
+        add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=n, shared_prompt_cache=shared), name=name)
+        with torch.no_grad():
+            model.soft_prompts[name].embedding.weight.normal_(0, 1.0)
+    batch = make_batch("causal_lm", [6, 3, 4], padding_side="left")
+    names = ["a", "b", None]
+    expected = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              soft_prompt_names=names, **gen_kwargs())
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = model(input_ids=ids, attention_mask=mask, soft_prompt_names=names, use_cache=True)
+    for _ in range(NEW):
+        token = next_token(out.logits)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        out = model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values,
+                    soft_prompt_names=names, use_cache=True)
+    assert torch.equal(ids, expected)
+
+
+class AtStep:
+    """A logits processor that runs `action` once, at decode step `step` (what another thread could do then)."""
+
+    def __init__(self, step, action):
+        self.step, self.action, self.calls = step, action, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.step:
+            self.action()
+        return scores
+
+
+@pytest.mark.parametrize("change", ["set_active", "remove"])
+@torch.no_grad()
+def test_generate_keeps_the_prompts_it_started_with(change):
+    from transformers import LogitsProcessorList
+
+    from hf_softprompt import remove_soft_prompt, set_active_soft_prompt
+
+    base, model = two_prompts()
+    set_active_soft_prompt(model, "a")
+    batch = make_batch("causal_lm", [6, 4], padding_side="left")
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    expected = model.generate(**inputs, **gen_kwargs())  # "a" for every row, start to end
+    other = model.generate(**inputs, **gen_kwargs(soft_prompt_names=["b", "b"]))
+    assert not torch.equal(expected, other)
+    action = (lambda: set_active_soft_prompt(model, "b")) if change == "set_active" else \
+        (lambda: remove_soft_prompt(model))
+    changed = model.generate(**inputs, **gen_kwargs(logits_processor=LogitsProcessorList([AtStep(2, action)])))
+    assert torch.equal(changed, expected)
+
+
+@torch.no_grad()
+def test_generate_refuses_to_continue_an_earlier_generate_cache():
+    """transformers' multi-turn cache reuse would drop as many new tokens as the prompt is long."""
+    _, model = prompted("llama")
+    ids = torch.randint(3, 90, (1, 6))
+    out = model.generate(input_ids=ids, return_dict_in_generate=True, **gen_kwargs())
+    longer = torch.cat([out.sequences, torch.randint(3, 90, (1, 3))], 1)
+    with pytest.raises(ValueError, match=r"cache from an earlier call .* without the cache"):
+        model.generate(input_ids=longer, past_key_values=out.past_key_values, **gen_kwargs())
+    fresh = model.generate(input_ids=longer, **gen_kwargs())  # the supported way
+    assert fresh.shape[1] == longer.shape[1] + NEW

@@ -26,7 +26,7 @@ from hf_softprompt import (
     save_soft_prompt,
     soft_prompt_names,
 )
-from hf_softprompt.files.save import load_soft_prompt_weights
+from hf_softprompt.files.load import load_soft_prompt_weights
 from hf_softprompt.model.injector import get_injector
 from hf_softprompt.training.trainer import last_complete_checkpoint
 

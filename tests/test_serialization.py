@@ -18,12 +18,8 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from hf_softprompt import SoftPromptConfig, add_soft_prompt, load_soft_prompt, save_soft_prompt
-from hf_softprompt.files.save import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    load_soft_prompt_weights,
-    read_adapter,
-)
+from hf_softprompt.files.adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from hf_softprompt.files.load import load_soft_prompt_weights, read_adapter
 from hf_softprompt.model.injector import get_injector
 
 P = 4

@@ -30,9 +30,11 @@ from hf_softprompt import (
     remove_soft_prompt,
     save_soft_prompt,
 )
-from hf_softprompt.files.save import adapter_state_dict, read_adapter
+from hf_softprompt.files.load import read_adapter
+from hf_softprompt.files.save import adapter_state_dict
 from hf_softprompt.model.injector import get_injector
-from hf_softprompt.training.callback import prepare_model
+from hf_softprompt.training.callback import calling_trainer, prepare_model
+from hf_softprompt.training.checkpoints import load_from_checkpoint
 
 P = 4
 PROMPT = SoftPromptConfig(num_virtual_tokens=P)
@@ -225,6 +227,46 @@ def test_save_pretrained_is_the_model_s_own_again_after_remove_soft_prompt(tmp_p
     remove_soft_prompt(model)
     model.save_pretrained(tmp_path / "plain")
     assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("how", ["add_soft_prompt", "load_soft_prompt", "callback", "subclass"])
+def test_save_pretrained_writes_the_adapter_whichever_way_the_prompt_came(tmp_path, how):
+    model = tiny("gpt2", "causal_lm")
+    if how == "add_soft_prompt":
+        add_soft_prompt(model, PROMPT)
+    elif how == "load_soft_prompt":
+        source = add_soft_prompt(tiny("gpt2", "causal_lm"), PROMPT)
+        save_soft_prompt(source, tmp_path / "saved")
+        load_soft_prompt(model, tmp_path / "saved")
+    else:
+        PATHS[how](model, training_args(tmp_path))
+    model.save_pretrained(tmp_path / "out")
+    assert set(os.listdir(tmp_path / "out")) == ADAPTER  # never the base weights
+    torch.testing.assert_close(exported_prompt(tmp_path / "out"), model.soft_prompts["default"]().detach(),
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["callback", "subclass"])
+def test_the_callback_finds_its_trainer(tmp_path, path):
+    """`calling_trainer` reads the call stack of `Trainer.__init__`: this fails first when
+    transformers changes how `on_init_end` is dispatched."""
+    found = []
+
+    class Spy(SoftPromptCallback):
+        def on_init_end(self, args, state, control, **kwargs):
+            found.append(calling_trainer(self))
+            return super().on_init_end(args, state, control, **kwargs)
+
+    model = tiny("gpt2", "causal_lm")
+    args = training_args(tmp_path)
+    if path == "callback":
+        trainer = Trainer(model=model, args=args, callbacks=[Spy(PROMPT)])
+        hooked = trainer.__dict__["_load_from_checkpoint"]  # the stock Trainer taught our loader
+        assert isinstance(hooked, functools.partial) and hooked.func is load_from_checkpoint
+    else:
+        trainer = SoftPromptTrainer(model=model, args=args, callbacks=[Spy(PROMPT)])
+        assert "_load_from_checkpoint" not in trainer.__dict__  # the subclass's own override serves
+    assert found == [trainer]
 
 
 # --------------------------------------------------------------------------- resume

@@ -1,7 +1,7 @@
 """Fixtures for the tests against a real vLLM engine (CPU): a tiny Llama and its tokenizer saved to
 disk, three trained-looking prompts saved with save_soft_prompt, and vLLM's CPU settings.
 
-Run in the vLLM virtual environment (README "Serving"): `python -m pytest -q tests_vllm`.
+Run in the vLLM virtual environment (docs/serving.md): `python -m pytest -q tests_vllm`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..config import SoftPromptConfig, TaskType
+from ..accessors import model_config
+from ..config import EncoderType, PromptInit, SoftPromptConfig, TaskType, config_enum
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,7 +39,8 @@ _TMP_SUFFIX = ".tmp"
 
 def peft_config_dict(config: SoftPromptConfig, model: nn.Module, head_paths: list[str]) -> dict[str, Any]:
     """`config` as PEFT's `PromptTuningConfig` / `PromptEncoderConfig` JSON."""
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    model_conf = model_config(model)
+    text_config = model_conf.get_text_config() if hasattr(model_conf, "get_text_config") else model_conf
     out: dict[str, Any] = {
         "auto_mapping": None,
         "base_model_name_or_path": config.base_model_name_or_path,
@@ -50,13 +52,14 @@ def peft_config_dict(config: SoftPromptConfig, model: nn.Module, head_paths: lis
         "num_transformer_submodules": 1,
         "num_virtual_tokens": config.num_virtual_tokens,
         "revision": None,
-        "task_type": config.task_type.value if config.task_type is not TaskType.MASKED_LM else None,
+        "task_type": (config_enum(TaskType, config.task_type, "task_type").value
+                      if config.task_type is not TaskType.MASKED_LM else None),
         "token_dim": config.token_dim,
     }
     if config.is_p_tuning:
         out.update(
             peft_type="P_TUNING",
-            encoder_reparameterization_type=config.encoder.value.upper(),
+            encoder_reparameterization_type=config_enum(EncoderType, config.encoder, "encoder").value.upper(),
             encoder_hidden_size=config.encoder_hidden_size or config.token_dim,
             encoder_num_layers=config.encoder_num_layers,
             encoder_dropout=config.encoder_dropout,
@@ -64,7 +67,7 @@ def peft_config_dict(config: SoftPromptConfig, model: nn.Module, head_paths: lis
     else:
         out.update(
             peft_type="PROMPT_TUNING",
-            prompt_tuning_init=config.init.value.upper(),
+            prompt_tuning_init=config_enum(PromptInit, config.init, "init").value.upper(),
             prompt_tuning_init_text=config.init_text,
             tokenizer_name_or_path=config.tokenizer_name_or_path,
             tokenizer_kwargs=config.tokenizer_kwargs,

@@ -1,7 +1,7 @@
 """Hub transport: push chosen files in one commit, download files by repo id, and turn Hub failures
 into `HubError`s that name the repo, the HTTP status and what to check.
 
-Knows nothing about adapters (serialization.py says which files); only talks to huggingface_hub.
+Knows nothing about adapters (save.py says which files); only talks to huggingface_hub.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def download_files(
         for i, name in enumerate(names):
             try:
                 paths.append(hf_hub_download(
-                    repo_id, name, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir,
+                    repo_id, name, subfolder=subfolder, revision=revision, token=token,
+                    cache_dir=None if cache_dir is None else os.fspath(cache_dir),  # typed str | Path only
                     force_download=force_download, local_files_only=use_cache_only,
                     library_name="hf-softprompt"))
                 break

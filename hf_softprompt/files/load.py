@@ -28,27 +28,23 @@ import warnings
 from typing import Any
 
 import torch
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from ..config import SoftPromptConfig
+from ..accessors import input_embeddings, weight_of
+from ..config import SoftPromptConfig, TaskType, config_enum
+from ..distributed import load_whole_state_dict
 from ..model.attach import attach_soft_prompt, remove_soft_prompt, resolve_trainable_modules
-from ..model.bank import DEFAULT_NAME
-from ..model.injector import get_injector
+from ..model.injector import get_injector, require_bank
 from ..model.tasks import infer_task_type
 from .adapter import (
-    ADAPTER_BIN_NAME,
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
     PROMPT_KEY,
     head_tensors_by_path,
     local_adapter_files,
     prompt_state_dict,
     read_adapter_files,
 )
-from .hub import download_files
-from .save import INDEX_NAME, prompt_folder, read_index
+from .prompt_set import prompt_folder, saved_prompt_names
+from .sources import AdapterSource, choose_prompts, same_base_name
 
 
 def load_soft_prompt(
@@ -108,10 +104,11 @@ def load_soft_prompt(
     source = os.fspath(repo_id_or_path)
     if subfolder is not None and (os.path.isabs(subfolder) or ".." in subfolder.replace("\\", "/").split("/")):
         raise ValueError(f"subfolder must be a relative path inside the repo or directory, got {subfolder!r}.")
-    fetch = _Source(source, revision=revision, token=token, cache_dir=cache_dir, force_download=force_download,
+    fetch = AdapterSource(source, revision=revision, token=token, cache_dir=cache_dir, force_download=force_download,
                     local_files_only=local_files_only)
-    wanted = _choose(fetch, name, subfolder)
-    taken = set(get_injector(model).bank.names()) if get_injector(model) is not None else set()
+    wanted = choose_prompts(fetch, name, subfolder)
+    injector = get_injector(model)
+    taken = set(injector.bank.names()) if injector is not None else set()
     clash = sorted(taken & {attach_as for attach_as, _ in wanted})
     if clash:
         raise ValueError(f"{type(model).__name__} already carries a soft prompt named {clash[0]!r}. Pass "
@@ -140,67 +137,8 @@ def load_soft_prompt(
             remove_soft_prompt(model, done)
         raise
     if name is None and subfolder is None and not had_prompts:
-        get_injector(model).bank.active = fetch.active or loaded[0]
+        require_bank(model).active = fetch.active or loaded[0]
     return model
-
-
-class _Source:
-    """Files of a local directory or a Hub repo, by path inside it."""
-
-    def __init__(self, source: str, **hub: Any) -> None:
-        self.source = source
-        self.hub = hub
-        self.local = os.path.isdir(source)
-        self.active: str | None = None
-        if not self.local:
-            try:
-                validate_repo_id(source)
-            except HFValidationError as err:
-                raise FileNotFoundError(
-                    f"{source!r} is neither a local adapter directory nor a Hub repo id ('namespace/name')."
-                ) from err
-
-    def index(self) -> tuple[list[str], str | None] | None:
-        """The saved prompt names and active one, when the source is a multi-prompt save."""
-        if self.local:
-            path = os.path.join(self.source, INDEX_NAME)
-            found = [path] if os.path.isfile(path) else []
-        else:
-            found = download_files(self.source, [[INDEX_NAME]], optional=True, **self.hub)
-        if not found:
-            return None
-        names, self.active = read_index(found[0])
-        return names, self.active
-
-    def adapter(self, folder: str) -> tuple[str, str]:
-        """(config path, weights path) of the adapter in `folder` ("" for the root)."""
-        if self.local:
-            local = os.path.join(self.source, folder) if folder else self.source
-            if not os.path.isdir(local):
-                raise FileNotFoundError(f"No folder {folder!r} in {self.source!r}.")
-            return local_adapter_files(local)
-        paths = download_files(
-            self.source, [[ADAPTER_CONFIG_NAME], [ADAPTER_WEIGHTS_NAME, ADAPTER_BIN_NAME]],
-            subfolder=folder or None, note=f"There is no local directory {self.source!r} either.", **self.hub)
-        return paths[0], paths[1]
-
-
-def _choose(fetch: _Source, name: str | None, subfolder: str | None) -> list[tuple[str, str]]:
-    """[(name to attach as, folder in the source)] of the prompts to load."""
-    if subfolder is not None:
-        return [(name or DEFAULT_NAME, subfolder.strip("/"))]
-    index = fetch.index()
-    if index is None:
-        return [(name or DEFAULT_NAME, "")]
-    names, _ = index
-    if name is None:
-        return [(each, prompt_folder(each)) for each in names]
-    if name in names:
-        return [(name, prompt_folder(name))]
-    if len(names) == 1:
-        return [(name, prompt_folder(names[0]))]
-    raise ValueError(f"{fetch.source!r} holds the prompts {names}, none named {name!r}. Pass one of them as "
-                     "name=..., or subfolder=... for one folder, or no name to load them all.")
 
 
 def check_adapter_fits(model: nn.Module, config: SoftPromptConfig, tensors: dict[str, torch.Tensor],
@@ -211,7 +149,7 @@ def check_adapter_fits(model: nn.Module, config: SoftPromptConfig, tensors: dict
     if not hasattr(model, "get_input_embeddings"):
         raise TypeError(f"load_soft_prompt needs a transformers PreTrainedModel, got {type(model).__name__}.")
     prompt = tensors[PROMPT_KEY]
-    width = model.get_input_embeddings().weight.shape[1]
+    width = weight_of(input_embeddings(model)).shape[1]
     if prompt.shape[1] != width:
         raise ValueError(
             f"The adapter in {where!r} has token_dim={prompt.shape[1]}, but {type(model).__name__} has "
@@ -222,14 +160,15 @@ def check_adapter_fits(model: nn.Module, config: SoftPromptConfig, tensors: dict
     except ValueError:  # a custom class: nothing to compare with
         task = None
     if task is not None and config.task_type not in (None, task):
+        saved_task = config_enum(TaskType, config.task_type, "task_type")
         raise ValueError(
-            f"The adapter in {where!r} has task_type={config.task_type.value!r}, but "
+            f"The adapter in {where!r} has task_type={saved_task.value!r}, but "
             f"{type(model).__name__} has task_type={task.value!r}. Load the base model with the "
             "matching head (the AutoModelFor... class of that task)."
         )
     saved_base = config.base_model_name_or_path
     model_base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    if check_base_model and saved_base and model_base and not _same_name(saved_base, model_base):
+    if check_base_model and saved_base and model_base and not same_base_name(saved_base, model_base):
         raise ValueError(
             f"The adapter in {where!r} was trained on base_model_name_or_path={saved_base!r}, but the "
             f"model is {model_base!r}. Load that base model, or pass check_base_model=False if both "
@@ -249,6 +188,42 @@ def check_adapter_fits(model: nn.Module, config: SoftPromptConfig, tensors: dict
     return by_path
 
 
-def _same_name(a: str, b: str) -> bool:
-    a, b = a.rstrip("/\\"), b.rstrip("/\\")
-    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b))
+def load_soft_prompt_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load saved weights into the prompts (and their heads) already on `model`, for resume: every
+    prompt of the model from its folder of `directory`. The saved set must be the model's."""
+    bank = require_bank(model)
+    directory = os.fspath(directory)
+    names, active = saved_prompt_names(directory)
+    if names != bank.names():
+        raise ValueError(f"{directory!r} holds the prompts {names}, but the model carries {bank.names()}; "
+                         "resume needs the same prompts, in the same order.")
+    loaded = []
+    for name in names:
+        where = os.path.join(directory, prompt_folder(name))
+        config, tensors, _ = read_adapter_files(*local_adapter_files(where))
+        _check_compatible(bank.configs[name], config, where)
+        heads = head_tensors_by_path(tensors, bank.head_modules(name), where)
+        loaded.append((name, prompt_state_dict(config, tensors), heads))
+    for name, state, heads in loaded:  # every folder checked before any weight changes
+        load_whole_state_dict(bank[name], state)
+        for path, head_state in heads.items():
+            load_whole_state_dict(bank.head_modules(name)[path], head_state)
+    bank.active = active
+    return model
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[SoftPromptConfig, dict[str, torch.Tensor]]:
+    """Read and check the adapter files in a local directory: (config, tensors)."""
+    config, tensors, _ = read_adapter_files(*local_adapter_files(os.fspath(directory)))
+    return config, tensors
+
+
+# -------------------------------------------------------------------- helpers
+def _check_compatible(expected: SoftPromptConfig, saved: SoftPromptConfig, where: Any) -> None:
+    for field in ("num_virtual_tokens", "token_dim", "task_type", "encoder"):
+        a, b = getattr(expected, field), getattr(saved, field)
+        if b is not None and a != b:
+            raise ValueError(
+                f"The adapter in {os.fspath(where)!r} has {field}={getattr(b, 'value', b)!r}, but the "
+                f"model's prompt has {field}={getattr(a, 'value', a)!r}."
+            )

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..config import SoftPromptConfig, TaskType
+from ..config import EncoderType, SoftPromptConfig, TaskType, config_enum
 
 LIBRARY_NAME = "hf-softprompt"
 MODEL_CARD_NAME = "README.md"
@@ -71,7 +71,7 @@ def build_model_card(
         ```
     """
     base_model = base_model or config.base_model_name_or_path
-    task = config.task_type or TaskType.FEATURE_EXTRACTION
+    task = config_enum(TaskType, config.task_type or TaskType.FEATURE_EXTRACTION, "task_type")
     auto_class, pipeline_tag = _TASK_CARD[task]
     method = "p-tuning" if config.is_p_tuning else "prompt-tuning"
     all_tags = [LIBRARY_NAME, "soft-prompt", method, *(t for t in tags if t)]
@@ -89,7 +89,7 @@ def build_model_card(
         f"`{base_model}`" if base_model else "its base model")
     kind = "prompt tuning"
     if config.is_p_tuning:
-        kind = f"P-tuning with an {config.encoder.value.upper()} encoder"
+        kind = f"P-tuning with an {config_enum(EncoderType, config.encoder, 'encoder').value.upper()} encoder"
     sections = [
         f"# {title}",
         f"A soft prompt of {config.num_virtual_tokens} virtual tokens ({kind}) for {base_text}, trained "
@@ -119,7 +119,8 @@ def build_prompt_set_card(configs: Mapping[str, SoftPromptConfig], *, repo_id: s
     """The root card of a set of named prompts saved without a `"default"` one."""
     first = next(iter(configs.values()))
     base_model = first.base_model_name_or_path
-    auto_class, pipeline_tag = _TASK_CARD[first.task_type or TaskType.FEATURE_EXTRACTION]
+    auto_class, pipeline_tag = _TASK_CARD[config_enum(TaskType, first.task_type or TaskType.FEATURE_EXTRACTION,
+                                                      "task_type")]
     data = ModelCardData(library_name=LIBRARY_NAME, base_model=base_model if _is_repo_id(base_model) else None,
                          tags=[LIBRARY_NAME, "soft-prompt", "multi-prompt"], pipeline_tag=pipeline_tag)
     title = repo_id.split("/")[-1] if repo_id else "Soft prompts"
@@ -150,7 +151,8 @@ def is_our_card(path: str | os.PathLike) -> bool:
 def _prompt_list(configs: Mapping[str, SoftPromptConfig]) -> str:
     rows = []
     for name, config in configs.items():
-        kind = f"P-tuning ({config.encoder.value})" if config.is_p_tuning else "prompt tuning"
+        kind = (f"P-tuning ({config_enum(EncoderType, config.encoder, 'encoder').value})" if config.is_p_tuning
+                else "prompt tuning")
         rows.append([f"`{name}`", f"`{name}/`" if name != "default" else "root",
                      str(config.num_virtual_tokens), kind])
     return _table(["Prompt", "Folder", "Virtual tokens", "Method"], rows)

@@ -2,7 +2,7 @@
 
 The prompt named `"default"` goes at the root of the directory, every other one in `<dir>/<name>/`
 (as `PeftModel.save_pretrained` lays out several adapters), each an adapter of its own
-(adapter_format.py) with its own model card. Unless the model carries just one prompt named
+(adapter.py) with its own model card. Unless the model carries just one prompt named
 `"default"` (then the directory is a plain PEFT adapter), `soft_prompts.json` at the root lists
 the prompts in order (the ids of a `soft_prompt_ids` column) and the active one, so the set loads
 back as it was; PEFT ignores it.
@@ -22,34 +22,23 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import SoftPromptConfig
+from ..distributed import is_fsdp_sharded, whole_state_dict
 from ..model.bank import DEFAULT_NAME
-from ..model.injector import get_injector
-from ..prompt import is_shard
+from ..model.injector import require_bank
 from .adapter import (
     ADAPTER_CONFIG_NAME,
-    ADAPTER_FILES,
     ADAPTER_WEIGHTS_NAME,
     HEAD_PREFIX,
     PROMPT_KEY,
     STATE_PREFIX,
     config_json,
-    head_tensors_by_path,
-    local_adapter_files,
-    prompt_state_dict,
-    read_adapter_files,
     weights_metadata,
     write_atomically,
     write_text,
 )
 from .hub import push_files
 from .model_card import MODEL_CARD_NAME, build_model_card, build_prompt_set_card, is_our_card
-
-INDEX_NAME = "soft_prompts.json"
-
-
-def prompt_folder(name: str) -> str:
-    """Where prompt `name` lives inside a saved directory or repo ("" for the root)."""
-    return "" if name == DEFAULT_NAME else name
+from .prompt_set import INDEX_NAME, layout_files, prompt_folder
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None,
@@ -57,13 +46,13 @@ def adapter_state_dict(model: nn.Module, name: str | None = None,
     """Every tensor prompt `name`'s adapter files hold (default: the active prompt): export,
     training state and its own task heads. Under FSDP2 the whole tensors, from `full_state_dict`
     (the model's, gathered) where given, else gathered here (then every rank must call)."""
-    bank = _require_bank(model)
-    name = _name_or_active(bank, name)
+    bank = require_bank(model)
+    name = bank.resolve(name)
     prompt, config = bank[name], bank.configs[name]
     paths = {id(module): path for path, module in model.named_modules()}
     state = whole_state_dict(prompt, paths[id(prompt)], full_state_dict)
     with torch.no_grad():  # the encoder runs on the whole weights, not on this rank's shard
-        live = full_state_dict is None and not is_sharded(prompt)
+        live = full_state_dict is None and not is_fsdp_sharded(prompt)
         exported = prompt() if live else torch.func.functional_call(prompt, state)
         tensors = {PROMPT_KEY: exported.detach().float().cpu().contiguous()}
     if tuple(exported.shape) != (config.num_virtual_tokens, config.token_dim):
@@ -80,34 +69,6 @@ def adapter_state_dict(model: nn.Module, name: str | None = None,
         for key, value in whole_state_dict(module, paths[id(module)], full_state_dict).items():
             tensors[f"{HEAD_PREFIX}{path}.{key}"] = value.cpu().contiguous()
     return tensors
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """Whether any tensor of `module` is an FSDP2 shard (a DTensor)."""
-    return any(is_shard(t) for t in module.state_dict().values())
-
-
-def whole_state_dict(module: nn.Module, path: str,
-                     full_state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """`module.state_dict()` (detached) with the whole tensors: from `full_state_dict` (keyed from the
-    model's root; `module` sits at `path`) where it holds them (FSDP1 keeps only a piece of a
-    flattened parameter on each rank), else each FSDP2 shard gathered with `DTensor.full_tensor()`,
-    a collective every rank must join."""
-    out = {}
-    for key, value in module.state_dict().items():
-        if full_state_dict is not None and f"{path}.{key}" in full_state_dict:
-            value = full_state_dict[f"{path}.{key}"]
-        elif is_shard(value):
-            if full_state_dict is None:
-                value = value.full_tensor()
-            else:  # gathering here now would wait for ranks that are not saving
-                raise ValueError(
-                    f"The gathered state dict given to save the adapter has no {path}.{key!r}, and that "
-                    "parameter is sharded (FSDP2). Pass the model's full state dict (e.g. "
-                    "accelerator.get_state_dict(model)), or call save_soft_prompt(model, dir) on every rank."
-                )
-        out[key] = value.detach()
-    return out
 
 
 def save_soft_prompt(
@@ -159,12 +120,12 @@ def save_soft_prompt(
         save_soft_prompt(model, "out/adapter", push_to_hub=True, repo_id="me/sst2-prompt")
         ```
     """
-    bank = _require_bank(model)
+    bank = require_bank(model)
     root = os.fspath(save_directory)
     repo_id = repo_id or os.path.basename(os.path.normpath(os.path.abspath(root)))
     # Gathered on every rank (a collective when sharded) before any rank decides whether to write.
     tensors_by_name = {name: adapter_state_dict(model, name, full_state_dict) for name in bank.names()}
-    if is_sharded(bank) and full_state_dict is None and torch.distributed.get_rank() != 0:
+    if is_fsdp_sharded(bank) and full_state_dict is None and torch.distributed.get_rank() != 0:
         return []
     writers: dict[str, Any] = {}
     for name in bank.names():
@@ -212,95 +173,6 @@ def _add_card(writers: dict[str, Any], path: str, text: str) -> None:
 
 def _others(bank: Any, name: str) -> dict[str, SoftPromptConfig]:
     return {other: bank.configs[other] for other in bank.names() if other != name}
-
-
-def saved_prompt_names(directory: str | os.PathLike) -> tuple[list[str], str | None]:
-    """(prompt names in order, active name) of a directory `save_soft_prompt` (or PEFT) wrote:
-    from `soft_prompts.json`, else the root adapter alone as `"default"`."""
-    index_path = os.path.join(os.fspath(directory), INDEX_NAME)
-    if not os.path.isfile(index_path):
-        local_adapter_files(os.fspath(directory))  # FileNotFoundError naming what is missing
-        return [DEFAULT_NAME], DEFAULT_NAME
-    return read_index(index_path)
-
-
-def read_index(index_path: str) -> tuple[list[str], str | None]:
-    """(names, active) from a `soft_prompts.json`, checked."""
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{index_path!r} is not valid JSON ({err}). Save the prompts again.") from err
-    names = data.get("prompts") if isinstance(data, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"{index_path!r} lists no prompts ({data!r}); save the prompts again.")
-    active = data.get("active")
-    return names, active if active in names else names[0]
-
-
-def load_soft_prompt_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load saved weights into the prompts (and their heads) already on `model`, for resume: every
-    prompt of the model from its folder of `directory`. The saved set must be the model's."""
-    bank = _require_bank(model)
-    directory = os.fspath(directory)
-    names, active = saved_prompt_names(directory)
-    if names != bank.names():
-        raise ValueError(f"{directory!r} holds the prompts {names}, but the model carries {bank.names()}; "
-                         "resume needs the same prompts, in the same order.")
-    loaded = []
-    for name in names:
-        where = os.path.join(directory, prompt_folder(name))
-        config, tensors, _ = read_adapter_files(*local_adapter_files(where))
-        _check_compatible(bank.configs[name], config, where)
-        heads = head_tensors_by_path(tensors, bank.head_modules(name), where)
-        loaded.append((name, prompt_state_dict(config, tensors), heads))
-    for name, state, heads in loaded:  # every folder checked before any weight changes
-        load_whole_state_dict(bank[name], state)
-        for path, head_state in heads.items():
-            load_whole_state_dict(bank.head_modules(name)[path], head_state)
-    bank.active = active
-    return model
-
-
-def load_whole_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """`module.load_state_dict(state)` of whole tensors, cut to this rank's shard where the
-    module's tensor is an FSDP2 shard (a collective then: every rank loads, as every rank trains)."""
-    if is_sharded(module):
-        from torch.distributed.tensor import distribute_tensor
-
-        current = module.state_dict()
-        state = {key: distribute_tensor(value.to(current[key].device, current[key].dtype),
-                                        current[key].device_mesh, current[key].placements)
-                 if is_shard(current.get(key)) else value for key, value in state.items()}
-    module.load_state_dict(state)
-
-
-def has_saved_prompts(directory: str | os.PathLike | None) -> bool:
-    """Whether `directory` holds a saved prompt set (the index, or a root adapter)."""
-    if directory is None:
-        return False
-    directory = os.fspath(directory)
-    return os.path.isfile(os.path.join(directory, INDEX_NAME)) or all(
-        os.path.isfile(os.path.join(directory, f)) for f in ADAPTER_FILES)
-
-
-def layout_files(folder: str | os.PathLike) -> dict[str, str]:
-    """`{path in repo: local path}` of every file of a saved prompt set: index, adapters, cards."""
-    folder = os.fspath(folder)
-    names, _ = saved_prompt_names(folder)
-    files: dict[str, str] = {}
-    if os.path.isfile(os.path.join(folder, INDEX_NAME)):
-        files[INDEX_NAME] = os.path.join(folder, INDEX_NAME)
-    for name in names:
-        sub = prompt_folder(name)
-        for file in (*ADAPTER_FILES, MODEL_CARD_NAME):
-            path = os.path.join(folder, sub, file)
-            if os.path.isfile(path):
-                files[f"{sub}/{file}" if sub else file] = path
-            elif file != MODEL_CARD_NAME:
-                raise FileNotFoundError(f"No {file} in {os.path.join(folder, sub)!r} to push: save the adapter "
-                                        "there first (save_soft_prompt or trainer.save_model).")
-    return files
 
 
 def push_adapter_folder(
@@ -351,37 +223,6 @@ def push_adapter_folder(
         files[MODEL_CARD_NAME] = os.fspath(model_card)
     return push_files(files, repo_id, token=token, revision=revision, private=private, create_pr=create_pr,
                       commit_message=commit_message, create_repo=create_repo, run_as_future=run_as_future)
-
-
-def read_adapter(directory: str | os.PathLike) -> tuple[SoftPromptConfig, dict[str, torch.Tensor]]:
-    """Read and check the adapter files in a local directory: (config, tensors)."""
-    config, tensors, _ = read_adapter_files(*local_adapter_files(os.fspath(directory)))
-    return config, tensors
-
-
-# -------------------------------------------------------------------- helpers
-def _check_compatible(expected: SoftPromptConfig, saved: SoftPromptConfig, where: Any) -> None:
-    for field in ("num_virtual_tokens", "token_dim", "task_type", "encoder"):
-        a, b = getattr(expected, field), getattr(saved, field)
-        if b is not None and a != b:
-            raise ValueError(
-                f"The adapter in {os.fspath(where)!r} has {field}={getattr(b, 'value', b)!r}, but the "
-                f"model's prompt has {field}={getattr(a, 'value', a)!r}."
-            )
-
-
-def _name_or_active(bank: Any, name: str | None) -> str:
-    name = name if name is not None else bank.active or bank.names()[0]
-    if name not in bank:
-        raise ValueError(f"No soft prompt named {name!r}; the model carries {bank.names()}.")
-    return name
-
-
-def _require_bank(model: nn.Module):
-    injector = get_injector(model)
-    if injector is None:
-        raise ValueError(f"{type(model).__name__} carries no soft prompt; call add_soft_prompt first.")
-    return injector.bank
 
 
 def _version() -> str:

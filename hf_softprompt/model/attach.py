@@ -4,7 +4,7 @@
 the config must fit it and the prompts already there), then builds the prompt (or loads it from a
 saved state dict) and its own copies of the trainable modules (by default the task head of
 classification and QA models), and registers them in the model's `SoftPromptBank`. The first
-prompt installs the injection (`inject.py`) and freezes the base model; `remove_soft_prompt` of
+prompt installs the injection (`injector.py`) and freezes the base model; `remove_soft_prompt` of
 the last one undoes all of it, `requires_grad` flags included, leaving the bare base model.
 """
 
@@ -17,12 +17,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..config import Placement, SoftPromptConfig, TaskType
+from ..accessors import encoder_of, input_embeddings, weight_of
+from ..config import Placement, SoftPromptConfig, TaskType, config_enum
 from ..prompt import SoftPrompt
 from .bank import BANK_MODULE_NAME, DEFAULT_NAME, SoftPromptBank
 from .heads import copy_module, install_routing, uninstall_routing
-from .injector import get_injector, install_injector, max_positions, uninstall_injector
-from .tasks import TASK_SPECS, infer_task_type
+from .injector import SoftPromptInjector, get_injector, install_injector, require_bank, uninstall_injector
+from .tasks import TASK_SPECS, infer_task_type, max_positions
 
 # Settings of the injection itself: every prompt on one model must agree on them.
 MODEL_LEVEL_FIELDS = ("task_type", "placement", "shared_prompt_cache")
@@ -80,7 +81,7 @@ def attach_soft_prompt(
     first = injector is None
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        if first:
+        if injector is None:  # the model's first prompt
             injector = install_injector(model, SoftPromptBank(), config)
             injector.frozen_flags = flags
             for param in model.parameters():
@@ -93,7 +94,7 @@ def attach_soft_prompt(
     except BaseException:
         if first and get_injector(model) is not None:
             uninstall_injector(model)
-        elif not first and name in injector.bank:
+        elif not first and injector is not None and name in injector.bank:
             _detach(model, injector, name)
         for n, p in model.named_parameters():
             if n in flags:
@@ -113,7 +114,7 @@ def _build(model: nn.Module, config: SoftPromptConfig, embeddings: nn.Module,
         prompt = SoftPrompt(dataclasses.replace(config, init="random", init_text=None,
                                                 tokenizer_name_or_path=None, tokenizer_kwargs=None))
         prompt.load_state_dict(state_dict)
-    prompt.to(embeddings.weight.device)
+    prompt.to(weight_of(embeddings).device)
     heads = {path: copy_module(module) for path, module in resolve_trainable_modules(model, config)}
     for path, state in (head_tensors or {}).items():
         if path not in heads:
@@ -144,13 +145,13 @@ def _check_model(model: nn.Module) -> nn.Module:
             f"add_soft_prompt needs a transformers PreTrainedModel, got {type(model).__name__}."
         )
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    target = model.get_encoder() if is_encoder_decoder else model
+    target = encoder_of(model) if is_encoder_decoder else model
     if "inputs_embeds" not in inspect.signature(target.forward).parameters:
         raise ValueError(
             f"{type(target).__name__}.forward does not accept `inputs_embeds`, so a soft prompt "
             "cannot be prepended to its input. Use a model class whose forward takes inputs_embeds."
         )
-    embeddings = model.get_input_embeddings()
+    embeddings = input_embeddings(model)
     if embeddings is None or getattr(embeddings, "weight", None) is None:
         raise ValueError(f"{type(model).__name__} has no input embedding table to prompt.")
     if embeddings.weight.device.type == "meta":
@@ -180,7 +181,7 @@ def _check_model(model: nn.Module) -> nn.Module:
 def complete_config(config: SoftPromptConfig, model: nn.Module, embeddings: nn.Module) -> SoftPromptConfig:
     """Fill task_type, token_dim and base_model_name_or_path from the model; check they agree with
     it and with the prompts already on it."""
-    token_dim = embeddings.weight.shape[1]
+    token_dim = weight_of(embeddings).shape[1]
     if config.token_dim is not None and config.token_dim != token_dim:
         raise ValueError(
             f"config.token_dim={config.token_dim} does not match the model's embedding width "
@@ -192,6 +193,7 @@ def complete_config(config: SoftPromptConfig, model: nn.Module, embeddings: nn.M
         allowed = ", ".join(t.value for t in TaskType)
         raise ValueError(f"Cannot infer the task type of {type(model).__name__}. Pass "
                          f"SoftPromptConfig(task_type=...), one of {allowed}.")
+    task_type = config_enum(TaskType, task_type, "task_type")
     if inferred is not None and task_type is not inferred and task_type is not TaskType.FEATURE_EXTRACTION:
         raise ValueError(
             f"task_type={task_type.value!r} does not match {type(model).__name__}, a "
@@ -238,7 +240,8 @@ def resolve_trainable_modules(model: nn.Module, config: SoftPromptConfig) -> lis
     """The base submodules a prompt owns a copy of (`config.trainable_modules` or the task head), as
     `(path, module)`; a module inside another one listed is covered by it."""
     explicit = config.trainable_modules is not None
-    names = config.trainable_modules if explicit else TASK_SPECS[config.task_type].default_trainable
+    names = (config.trainable_modules if config.trainable_modules is not None
+             else TASK_SPECS[config_enum(TaskType, config.task_type, "task_type")].default_trainable)
     found: dict[str, nn.Module] = {}
     for wanted in names:
         matches = [(n, m) for n, m in model.named_modules()
@@ -253,7 +256,7 @@ def resolve_trainable_modules(model: nn.Module, config: SoftPromptConfig) -> lis
     return [(p, found[p]) for p in sorted(outermost)]
 
 
-def _detach(model: nn.Module, injector, name: str) -> None:
+def _detach(model: nn.Module, injector: SoftPromptInjector, name: str) -> None:
     """Take prompt `name` out of the bank, and the routing of heads no other prompt owns."""
     bank = injector.bank
     paths = bank.owned.get(name, [])
@@ -274,7 +277,7 @@ def soft_prompt_names(model: nn.Module) -> list[str]:
 def set_active_soft_prompt(model: nn.Module, name: str | None) -> nn.Module:
     """Choose the prompt (and with it the task head) of calls that name none; None for the bare
     model. Per-row `soft_prompt_names` still choose for themselves."""
-    bank = _require_bank(model)
+    bank = require_bank(model)
     if name is not None and name not in bank:
         raise ValueError(f"No soft prompt named {name!r}; the model carries {bank.names()} (or None for none).")
     bank.active = name
@@ -283,17 +286,14 @@ def set_active_soft_prompt(model: nn.Module, name: str | None) -> nn.Module:
 
 def get_active_soft_prompt(model: nn.Module) -> str | None:
     """The name of the prompt calls use when they name none (None: the bare model)."""
-    return _require_bank(model).active
+    return require_bank(model).active
 
 
 def get_soft_prompt_config(model: nn.Module, name: str | None = None) -> SoftPromptConfig:
     """The complete config (task_type and token_dim filled in) of prompt `name`, by default the
     active one, else the first."""
-    bank = _require_bank(model)
-    name = name if name is not None else bank.active or bank.names()[0]
-    if name not in bank:
-        raise ValueError(f"No soft prompt named {name!r}; the model carries {bank.names()}.")
-    return bank.configs[name]
+    bank = require_bank(model)
+    return bank.configs[bank.resolve(name)]
 
 
 def remove_soft_prompt(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -313,10 +313,3 @@ def remove_soft_prompt(model: nn.Module, name: str | None = None) -> nn.Module:
             if param_name in injector.frozen_flags:
                 param.requires_grad_(injector.frozen_flags[param_name])
     return model
-
-
-def _require_bank(model: nn.Module) -> SoftPromptBank:
-    injector = get_injector(model)
-    if injector is None:
-        raise ValueError(f"{type(model).__name__} carries no soft prompt; call add_soft_prompt first.")
-    return injector.bank

@@ -9,6 +9,7 @@ with one entry, `"default"`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -44,10 +45,10 @@ class SoftPromptBank(nn.Module):
     def __getitem__(self, name: str) -> SoftPrompt:
         if name not in self.prompts:
             raise KeyError(f"No soft prompt named {name!r}; the model carries {self.names()}.")
-        return self.prompts[name]
+        return cast(SoftPrompt, self.prompts[name])  # `add` puts only SoftPrompts there
 
     def __contains__(self, name: object) -> bool:
-        return name in self.prompts
+        return name in self.prompts.keys()  # ModuleDict.__contains__ is typed for str keys only
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.prompts.keys())
@@ -58,6 +59,13 @@ class SoftPromptBank(nn.Module):
     def names(self) -> list[str]:
         """Prompt names in order; `soft_prompt_ids` index this list."""
         return list(self.prompts.keys())
+
+    def resolve(self, name: str | None) -> str:
+        """`name`, or when None the active prompt, else the first; a clear error for an unknown one."""
+        name = name if name is not None else self.active or self.names()[0]
+        if name not in self.prompts:
+            raise ValueError(f"No soft prompt named {name!r}; the model carries {self.names()}.")
+        return name
 
     def lengths(self) -> dict[str, int]:
         return {name: self.configs[name].num_virtual_tokens for name in self.prompts}
@@ -86,11 +94,15 @@ class SoftPromptBank(nn.Module):
         """Prompt `name`'s own copy of the base module at `path`, or None when it owns none."""
         if path not in self.owned.get(name, ()):
             return None
-        return self.heads[name][head_key(path)]
+        return self._heads_of(name)[head_key(path)]
 
     def head_modules(self, name: str) -> dict[str, nn.Module]:
         """`{module path: copy}` of the task heads prompt `name` owns."""
-        return {path: self.heads[name][head_key(path)] for path in self.owned.get(name, ())}
+        return {path: self._heads_of(name)[head_key(path)] for path in self.owned.get(name, ())}
+
+    def _heads_of(self, name: str) -> nn.ModuleDict:
+        """`heads[name]`: the `ModuleDict` of prompt `name`'s head copies, by `head_key(path)`."""
+        return cast(nn.ModuleDict, self.heads[name])  # `add` puts only ModuleDicts there
 
     def trainable_parameters(self, name: str) -> Iterator[torch.nn.Parameter]:
         yield from self.prompts[name].parameters()

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .injector import get_injector
+from ..accessors import input_embeddings, weight_of
+from .injector import get_injector, require_bank
 
 
 @torch.no_grad()
@@ -48,12 +49,11 @@ def describe_soft_prompt(model: nn.Module, tokenizer: Any, k: int = 5,
         )
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}. Typical values are 3 to 10.")
-    weight = model.get_input_embeddings().weight.detach()
+    weight = weight_of(input_embeddings(model)).detach()
     num_candidates = min(weight.shape[0], len(tokenizer))
     vocab = nn.functional.normalize(weight[:num_candidates].float(), dim=-1)  # (V, D)
-    bank = get_injector(model).bank
-    name = name if name is not None else bank.active or bank.names()[0]
-    prompt = bank[name]().detach().to(vocab.device).float()  # (P, D)
+    bank = require_bank(model)
+    prompt = bank[bank.resolve(name)]().detach().to(vocab.device).float()  # (P, D)
     similarity = nn.functional.normalize(prompt, dim=-1) @ vocab.T  # (P, V)
     values, ids = similarity.topk(min(k, num_candidates), dim=-1)
     return [

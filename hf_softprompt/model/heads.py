@@ -4,7 +4,7 @@ A classifier trained with a prompt is that prompt's: `add_soft_prompt` gives the
 copy of each trainable module (the task head by default, PEFT's `modules_to_save`), and the base
 module stays frozen and untouched. The base module's `forward` is replaced (on the instance, so
 the model's class, structure and `state_dict` keys do not change) by a `RoutedForward` that
-sends each row of the current call (`routing.current_rows()`) through the copy of its prompt, or
+sends each row of the current call (`rows.current_rows()`) through the copy of its prompt, or
 through the base module when its prompt owns none (or the row has no prompt). When every row
 uses one module, that module alone runs.
 """
@@ -62,8 +62,8 @@ class RoutedForward:
         head = self.bank.head(name, self.path)
         return self.original if head is None else head
 
-    def _per_row(self, rows: Any, runners: list, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Each group of rows through its own module; outputs put back in row order."""
+    def _per_row(self, rows: Any, runners: list, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Each group of rows through its own module; outputs put back in row order (None: no rows)."""
         if not args or not isinstance(args[0], torch.Tensor) or args[0].shape[0] != rows.batch_size:
             first = args[0] if args else None
             got = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__

@@ -28,13 +28,15 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .rows import RowPrompts, rows_in_use
+from ..accessors import model_config
+from ..distributed import is_fsdp_sharded
+from .rows import RowPrompts, bare_calls, rows_in_use
 from .tasks import TaskSpec, cache_argument, is_decoder_only
 
 logger = logging.getLogger(__name__)
@@ -102,8 +104,12 @@ class SharedPromptCache:
         for idx, (keys, values) in enumerate(self._run_prompts(prompts, rows)):
             if idx == len(cache.layers):
                 cache.layers.append(DynamicLayer())
-            layer = cache.layers[idx]
-            layer.dtype, layer.device = keys.dtype, keys.device
+            # `into` passed `call_reason`: an empty DynamicCache, all of whose layers are DynamicLayers.
+            layer = cast(DynamicLayer, cache.layers[idx])
+            # What `DynamicLayer.lazy_initialization` sets: in transformers 5.19 a `dtype` too, an attribute
+            # later versions no longer declare (hence set untyped).
+            cast(Any, layer).dtype = keys.dtype
+            layer.device = keys.device
             layer.keys, layer.values = self._rows(keys, rows), self._rows(values, rows)
             layer.is_initialized = True
         return cache
@@ -125,21 +131,29 @@ class SharedPromptCache:
         lengths = torch.tensor([p.shape[0] for p in prompts], device=device)
         mask = (torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)).long()  # (K, w)
         embeds = torch.stack([torch.cat([p.new_zeros(width - p.shape[0], p.shape[1]), p]) for p in prompts])
-        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-        # A feature-extraction model is its own base model and carries the injection: call its class's
-        # forward. Modules a prompt owns see a call of K rows, one per prompt.
-        run = (lambda **kw: type(self.base).forward(self.base, **kw)) if self.base is self.model else self.base
+        cache = DynamicCache(config=model_config(self.model).get_text_config(decoder=True))
+        # The base model's call (a feature-extraction model is its own base model and carries the
+        # injection: it computes bare inside `bare_calls`). Modules a prompt owns see a call of K
+        # rows, one per prompt.
         own_rows = RowPrompts(rows.slots, rows.lengths, torch.arange(len(prompts), device=device))
         padded = bool((mask == 0).any())
-        with rows_in_use(own_rows):
-            run(inputs_embeds=embeds, attention_mask=mask if padded else None, use_cache=True,
+        with bare_calls(self.model), rows_in_use(own_rows):
+            self.base(inputs_embeds=embeds, attention_mask=mask if padded else None, use_cache=True,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0), return_dict=True,
                 **{self._base_cache_key: cache})
         keep = mask.view(len(prompts), 1, width, 1).bool()
         if not padded:
-            return [(layer.keys, layer.values) for layer in cache.layers]
+            return _key_values(cache)
         # Filler slots are masked for every real token; zero them so no stray value can leak.
-        return [(layer.keys.masked_fill(~keep, 0), layer.values.masked_fill(~keep, 0)) for layer in cache.layers]
+        return [(keys.masked_fill(~keep, 0), values.masked_fill(~keep, 0)) for keys, values in _key_values(cache)]
+
+
+def _key_values(cache: Cache) -> _KeyValues:
+    """Per layer, the (keys, values) a prompt pass wrote into `cache`. `model_reason` admits only
+    models whose cache layers are all `DynamicLayer`s, which the pass fills: transformers types the
+    layers as any kind, their tensors as optional."""
+    return [(cast(torch.Tensor, layer.keys), cast(torch.Tensor, layer.values))
+            for layer in cast(list[DynamicLayer], cache.layers)]
 
 
 def model_reason(model: nn.Module, base: nn.Module, enabled: bool = True, front: bool = True) -> str | None:
@@ -157,7 +171,7 @@ def model_reason(model: nn.Module, base: nn.Module, enabled: bool = True, front:
         missing = [name for name in needed if name not in accepted]
         if missing:
             return f"{type(module).__name__}.forward takes no {' or '.join(missing)}"
-    layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
+    layers = DynamicCache(config=model_config(model).get_text_config(decoder=True)).layers
     other = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
     if other:
         return f"its cache has {', '.join(other)} layers (sliding-window or hybrid attention)"
@@ -186,12 +200,3 @@ def call_reason(model: nn.Module, spec: TaskSpec, kwargs: dict[str, Any], cache_
     if kwargs.get("output_attentions"):
         return "output_attentions=True asks for the attention of every virtual position"
     return SHARED
-
-
-def is_fsdp_sharded(model: nn.Module) -> bool:
-    """Whether any part of `model` is sharded by FSDP (FSDP2's `fully_shard` or FSDP1's wrapper)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())

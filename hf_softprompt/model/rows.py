@@ -1,28 +1,18 @@
-"""Which prompt each row of a call uses, and how rows with prompts of different lengths are laid out.
+"""Which prompt each row of a call uses, and the choice of the call in progress.
 
 One call of a prompted model has B rows; each row uses one of the model's named prompts or none
 (the bare model). `RowPrompts` records that choice: the distinct prompts used (`slots`) and each
-row's slot (`index`, -1 for none). The widest prompt sets the width `width` of the virtual block
-every row gets; a shorter prompt fills the rest of it with masked filler slots that no real token
-attends to and that are cut out of every output.
-
-Where the filler goes (`Layout`) is chosen so that each row sees exactly what it sees alone:
-- `FRONT` (decoder-only models, which take positions from the attention mask): filler first, then
-  the prompt, right before the real tokens: `[filler, prompt, tokens]`. Positions count attended
-  tokens only, so the filler changes no position, and real tokens are the last L for every row.
-- `END` (encoders and seq2seq encoders, whose positions are the index in the sequence): the prompt
-  at its place and the filler after the last token: `[prompt, tokens, filler]`. No real position
-  moves; the filler is extra right padding.
-With one prompt (or prompts of one length) there is no filler and both layouts are the same.
+row's slot (`index`, -1 for none). How rows of different prompt lengths share a batch is
+layout.py's job.
 
 The current call's choice lives in a `ContextVar`, so calls made from several threads (or
-asyncio tasks) never see each other's rows; `generate()` sets it once for all its steps.
+asyncio tasks) never see each other's rows; `generate()` sets it once, at its start, for all its
+steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -31,13 +21,6 @@ from typing import Any
 import torch
 
 NO_PROMPT = -1  # the index of a row that uses no prompt
-
-
-class Layout(str, enum.Enum):
-    """Where a row's filler slots go when its prompt is shorter than the widest in the batch."""
-
-    FRONT = "front"  # [filler, prompt, tokens]: decoder-only models (positions from the mask)
-    END = "end"  # [prompt, tokens, filler]: encoders (positions from the sequence index)
 
 
 @dataclass(frozen=True)
@@ -161,8 +144,9 @@ def choose_rows(names: Sequence[str], lengths: dict[str, int], active: str | Non
     else:
         ids = torch.full((batch_size,), NO_PROMPT if active is None else names.index(active), dtype=torch.long)
     used = sorted(set(ids.tolist()) - {NO_PROMPT})
-    remap = torch.full((len(names) + 1,), NO_PROMPT, dtype=torch.long)
-    remap[torch.tensor(used, dtype=torch.long)] = torch.arange(len(used))
+    # The table lives where the ids do (the Trainer moves a soft_prompt_ids column to the GPU).
+    remap = torch.full((len(names) + 1,), NO_PROMPT, dtype=torch.long, device=ids.device)
+    remap[torch.tensor(used, dtype=torch.long, device=ids.device)] = torch.arange(len(used), device=ids.device)
     index = remap[ids]  # model ids -> slots; -1 reads the trailing -1
     slots = tuple(names[i] for i in used)
     rows = RowPrompts(slots, tuple(lengths[n] for n in slots), index)
@@ -175,108 +159,60 @@ def _check_length(got: int, batch_size: int, what: str) -> None:
 
 
 # ------------------------------------------------------------ the call in progress
-_CURRENT: ContextVar[RowPrompts | None] = ContextVar("hf_softprompt_rows", default=None)
+@dataclass(frozen=True)
+class CallChoice:
+    """The prompt choice of the call in progress, fixed at its start.
+
+    Attributes:
+        rows: each row's prompt.
+        widened: `generate()` has put the prompt's positions into the `attention_mask` and
+            `position_ids` it keeps between steps, so its decode steps need nothing more.
+    """
+
+    rows: RowPrompts
+    widened: bool = False
 
 
-def current_rows() -> RowPrompts | None:
-    """The prompt choice of the call in progress in this thread or task (None outside calls)."""
+_CURRENT: ContextVar[CallChoice | None] = ContextVar("hf_softprompt_call", default=None)
+
+
+def current_choice() -> CallChoice | None:
+    """The choice of the call in progress in this thread or task (None outside calls)."""
     return _CURRENT.get()
 
 
+def current_rows() -> RowPrompts | None:
+    """The rows of the call in progress in this thread or task (None outside calls)."""
+    choice = _CURRENT.get()
+    return None if choice is None else choice.rows
+
+
+# The models that compute as their bare base model in this thread/task (bare.py), by id.
+_BARE: ContextVar[frozenset[int]] = ContextVar("hf_softprompt_bare", default=frozenset())
+
+
+def is_bare(model: object) -> bool:
+    """Whether calls of `model` run as its bare base model here (`without_soft_prompt`)."""
+    return id(model) in _BARE.get()
+
+
 @contextlib.contextmanager
-def rows_in_use(rows: RowPrompts | None) -> Iterator[None]:
+def bare_calls(model: object) -> Iterator[None]:
+    """Inside the block, calls of `model` in this thread/task run without any prompt."""
+    token = _BARE.set(_BARE.get() | {id(model)})
+    try:
+        with rows_in_use(None):
+            yield
+    finally:
+        _BARE.reset(token)
+
+
+@contextlib.contextmanager
+def rows_in_use(rows: RowPrompts | None, widened: bool = False) -> Iterator[None]:
     """Make `rows` the current choice for the calls made inside the block (nested calls, the
-    encoder that `generate` calls, the task heads)."""
-    token = _CURRENT.set(rows)
+    encoder that `generate` calls, the task heads); None: no prompted call in progress."""
+    token = _CURRENT.set(None if rows is None else CallChoice(rows, widened))
     try:
         yield
     finally:
         _CURRENT.reset(token)
-
-
-# -------------------------------------------------------------- laying rows out
-@dataclass(frozen=True)
-class VirtualBlock:
-    """Where one call's virtual block goes: `insert_at` (0 or 1), the layout, and the rows."""
-
-    rows: RowPrompts
-    layout: Layout
-    insert_at: int
-
-    @property
-    def width(self) -> int:
-        return self.rows.width
-
-    @property
-    def needs_gather(self) -> bool:
-        """END layout with prompts of different lengths: real positions differ per row."""
-        return self.layout is Layout.END and not self.rows.uniform and self.width > 0
-
-    def block(self, per_slot: Sequence[torch.Tensor], fill: torch.Tensor) -> torch.Tensor:
-        """The (B, width, *) virtual block: each row's slot tensor ((P_k, *) rows), placed after
-        (FRONT) or before (END) `fill` filler, a scalar or (*) tensor."""
-        rows, width = self.rows, self.width
-        if rows.single_slot is not None:
-            return per_slot[0].unsqueeze(0).expand(rows.batch_size, *per_slot[0].shape)  # a view, no copy
-        trailing = per_slot[0].shape[1:] if per_slot else fill.shape
-        filler = fill.to(per_slot[0].dtype if per_slot else fill.dtype).expand(width, *trailing)
-        table = []
-        for values in per_slot:
-            pad = filler[: width - values.shape[0]]
-            table.append(torch.cat([pad, values] if self.layout is Layout.FRONT else [values, pad]))
-        table.append(filler)  # rows without a prompt: all filler
-        return torch.stack(table)[rows.index]  # -1 reads the filler row
-
-    def assemble(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        """Put the (B, width, *) block into x (B, L, *): the model's (B, width + L, *) sequence."""
-        if self.width == 0:
-            return x
-        i = self.insert_at
-        if not self.needs_gather:
-            return torch.cat([x[:, :i], block.to(x.dtype), x[:, i:]], dim=1)
-        source = torch.cat([x, block.to(x.dtype)], dim=1)  # (B, L + width, *)
-        return gather_rows(source, self._source_index(x.shape[1]))
-
-    def real_positions(self, length: int) -> torch.Tensor | None:
-        """(B, L) index of each real token in the model's sequence, or None when the real tokens
-        sit at the same places in every row (then `extract` slices)."""
-        if not self.needs_gather:
-            return None
-        j = torch.arange(length, device=self.rows.index.device).unsqueeze(0)
-        return torch.where(j < self.insert_at, j, j + self.rows.row_lengths().unsqueeze(1))
-
-    def extract(self, y: torch.Tensor, length: int) -> torch.Tensor:
-        """The real positions of a (B, width + L, *) output, in the caller's order: (B, L, *)."""
-        i, width = self.insert_at, self.width
-        if width == 0 or y.shape[1] != width + length:
-            return y
-        index = self.real_positions(length)
-        if index is not None:
-            return gather_rows(y, index)
-        if i == 0:
-            return y[:, width:]  # a view: a copy of (B, L, V) logits costs time and peak memory
-        return torch.cat([y[:, :i], y[:, i + width:]], dim=1)
-
-    def shift_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """QA start/end token indices (B,) moved to where the tokens are in the model's sequence."""
-        if self.layout is Layout.FRONT or self.rows.uniform:
-            shift = torch.full_like(positions, self.width)
-        else:
-            shift = self.rows.row_lengths().to(positions.device)
-        return torch.where(positions >= self.insert_at, positions + shift, positions)
-
-    def _source_index(self, length: int) -> torch.Tensor:
-        """END layout: for each row, where each of the width + L positions comes from in
-        [x (L); block (width)]: `x[:i]`, the prompt, `x[i:]`, then the filler."""
-        i, width = self.insert_at, self.width
-        p = self.rows.row_lengths().unsqueeze(1)  # (B, 1)
-        c = torch.arange(length + width, device=p.device).unsqueeze(0)  # (1, W)
-        return torch.where(c < i, c, torch.where(c < i + p, length + c - i,
-                                                 torch.where(c < length + p, c - p, c)))
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, index[b, j], ...] for every row b: per-row reordering along dim 1."""
-    index = index.to(x.device)
-    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return torch.gather(x.expand(index.shape[0], *x.shape[1:]), 1, index)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -54,7 +56,7 @@ def infer_task_type(model: nn.Module) -> TaskType:
     """The task head of `model`, read from transformers' Auto* mappings by class name."""
     from transformers.models.auto import modeling_auto as auto
 
-    mappings = [
+    mappings: list[tuple[TaskType, Mapping[str, str | Sequence[str]]]] = [
         (TaskType.SEQ_2_SEQ_LM, auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
         (TaskType.CAUSAL_LM, auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
         (TaskType.SEQ_CLS, auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
@@ -109,3 +111,17 @@ def cache_argument(module: nn.Module) -> str:
     `past_key_values` before (5.24 still accepts the old name, with a deprecation warning)."""
     accepted = inspect.signature(module.forward).parameters
     return "cache" if "cache" in accepted else "past_key_values"
+
+
+# Config keys that hold a model's maximum number of positions, in the order they are read.
+MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def max_positions(model_config: Any) -> int | None:
+    """The model's maximum number of positions, when its config (a `PretrainedConfig` or the dict
+    of its config.json) says; None when it names no limit."""
+    for key in MAX_POSITION_KEYS:
+        value = model_config.get(key) if isinstance(model_config, Mapping) else getattr(model_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

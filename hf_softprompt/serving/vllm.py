@@ -11,40 +11,18 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
-from safetensors import safe_open
 
-from ..config import Placement, SoftPromptConfig, TaskType
+from ..config import Placement, SoftPromptConfig, TaskType, config_enum
 from ..files.adapter import PROMPT_KEY, read_adapter_files
-from ..files.hub import download_files
-from ..files.load import _choose, _same_name, _Source
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-# Where the input-embedding table lives in the checkpoints of common decoder families, in order.
-EMBEDDING_KEYS = (
-    "model.embed_tokens.weight",  # Llama, Mistral, Qwen, Phi-3, SmolLM, OLMo, ...
-    "embed_tokens.weight",
-    "transformer.wte.weight",  # GPT-2, GPT-J, StarCoder
-    "wte.weight",
-    "gpt_neox.embed_in.weight",  # GPT-NeoX, Pythia
-    "transformer.word_embeddings.weight",  # Bloom, Falcon
-    "model.decoder.embed_tokens.weight",  # OPT
-    "model.language_model.embed_tokens.weight",  # multimodal wrappers of a text decoder
-    "language_model.model.embed_tokens.weight",
-)
-TIED_KEY = "lm_head.weight"  # tied embeddings may be stored only under the head's name
-# Families whose model scales (or otherwise transforms) the embeddings after the lookup: an engine's
-# embedding step for them is not the bare table, so the table alone would give wrong inputs.
-_TRANSFORMED_EMBEDDINGS = ("gemma", "granite", "falcon_h1", "mup")
-_MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+from ..files.sources import AdapterSource, choose_prompts, same_base_name
+from ..model.tasks import max_positions
+from .base_model import CONFIG_FILE, base_file, config_dtype, read_embedding_table, read_json, text_config
 
 
 @dataclass(frozen=True)
@@ -120,11 +98,11 @@ class PromptEmbedder:
         """
         hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         source = os.fspath(base_model)
-        model_config = _text_config(_read_json(_base_file(source, CONFIG_FILE, hub)))
+        model_config = text_config(read_json(base_file(source, CONFIG_FILE, hub)))
         table = read_embedding_table(source, model_config, **hub)
-        dtype = dtype or _config_dtype(model_config) or table.dtype
+        dtype = dtype or config_dtype(model_config) or table.dtype
         table = table.to(dtype)
-        limit = _max_positions(model_config)
+        limit = max_positions(model_config)
         if max_length is not None:
             limit = max_length if limit is None else min(limit, max_length)
         served: dict[str, ServedPrompt] = {}
@@ -170,12 +148,13 @@ class PromptEmbedder:
             self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer)
         return self._tokenizer
 
-    def __call__(self, token_ids: Sequence[int] | torch.Tensor | str, prompt: str | None = None, *,
+    def __call__(self, token_ids: Sequence[int] | torch.Tensor | str | Sequence[Mapping[str, str]],
+                 prompt: str | None = None, *,
                  chat: bool = False, max_new_tokens: int = 0) -> torch.Tensor:
         """One request's `prompt_embeds`: the (P + L, D) sequence our injector feeds the model.
 
         Args:
-            token_ids: the request's L token ids (a list or a 1-D tensor), or its text.
+            token_ids: the request's L token ids (a list or a 1-D tensor), or its text (or chat messages).
             prompt (`str`, *optional*): the saved prompt's name; `None` gives the plain embeddings.
             chat (`bool`, defaults to `False`): text goes through the tokenizer's chat template.
             max_new_tokens (`int`, defaults to 0): tokens the request will generate, counted in the
@@ -185,8 +164,7 @@ class PromptEmbedder:
             A (P + L, D) tensor in the base model's dtype: the prompt's rows, then the tokens'
             embeddings.
         """
-        if isinstance(token_ids, str) or (isinstance(token_ids, Sequence) and token_ids
-                                          and isinstance(token_ids[0], Mapping)):
+        if isinstance(token_ids, str) or _is_messages(token_ids):
             token_ids = self.encode(token_ids, chat=chat)
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         vocab = self.embedding.shape[0]
@@ -213,6 +191,11 @@ class PromptEmbedder:
         return self.prompts[name]
 
 
+def _is_messages(token_ids: object) -> TypeGuard[Sequence[Mapping[str, str]]]:
+    """Whether a request came as chat messages (a non-empty list of mappings) rather than ids."""
+    return isinstance(token_ids, Sequence) and bool(token_ids) and isinstance(token_ids[0], Mapping)
+
+
 def encode_prompt_embeds(embeds: torch.Tensor) -> str:
     """`embeds` as the `prompt_embeds` field of a request to vLLM's OpenAI-compatible server (started
     with `--enable-prompt-embeds`): base64 of the `torch.save` bytes, which the server reads back with
@@ -223,81 +206,6 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
     buffer = io.BytesIO()
     torch.save(embeds.detach().cpu().contiguous(), buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-# ---------------------------------------------------------------- base model
-def read_embedding_table(source: str, model_config: Mapping[str, Any], **hub: Any) -> torch.Tensor:
-    """The (V, D) input-embedding table of the base model at `source`, read alone from its
-    safetensors (one shard downloaded for a sharded Hub model)."""
-    model_type = str(model_config.get("model_type", ""))
-    scaled = [name for name in _TRANSFORMED_EMBEDDINGS if model_type.startswith(name)]
-    if scaled or model_config.get("embedding_multiplier") not in (None, 1, 1.0):
-        raise ValueError(f"{source!r} is a {model_type!r} model, which transforms its embeddings after the "
-                         "lookup; PromptEmbedder serves models whose inputs are the bare embedding table "
-                         "(Llama, Qwen, Mistral, SmolLM, GPT-2, ...).")
-    index_or_weights = _base_file(source, (WEIGHTS_INDEX_FILE, WEIGHTS_FILE), hub)
-    if index_or_weights.endswith(".json"):
-        weight_map = _read_json(index_or_weights).get("weight_map", {})
-        key = _embedding_key(weight_map, model_config, source)
-        path = _base_file(source, weight_map[key], hub)
-    else:
-        with safe_open(index_or_weights, framework="pt") as f:
-            key = _embedding_key(list(f.keys()), model_config, source)
-        path = index_or_weights
-    with safe_open(path, framework="pt") as f:
-        table = f.get_tensor(key)
-    hidden = model_config.get("hidden_size") or model_config.get("n_embd")
-    if table.dim() != 2 or (hidden and table.shape[1] != hidden):
-        raise ValueError(f"{key!r} in {path!r} has shape {tuple(table.shape)}, not (vocab, hidden_size={hidden}); "
-                         "it is not this model's embedding table.")
-    return table
-
-
-def _embedding_key(keys: Sequence[str] | Mapping[str, str], model_config: Mapping[str, Any], source: str) -> str:
-    for key in EMBEDDING_KEYS:
-        if key in keys:
-            return key
-    if model_config.get("tie_word_embeddings", True) and TIED_KEY in keys:
-        return TIED_KEY
-    raise ValueError(f"Found no input-embedding table in {source!r} (looked for {', '.join(EMBEDDING_KEYS)}, "
-                     f"and {TIED_KEY} for tied embeddings). Save the model with save_pretrained "
-                     "(safetensors) from transformers.")
-
-
-def _base_file(source: str, names: str | Sequence[str], hub: dict[str, Any]) -> str:
-    """A base-model file, local or downloaded: the first of `names` that exists."""
-    names = [names] if isinstance(names, str) else list(names)
-    if os.path.isdir(source):
-        for name in names:
-            if os.path.isfile(os.path.join(source, name)):
-                return os.path.join(source, name)
-        raise FileNotFoundError(f"No {' or '.join(names)} in {source!r}. The base model must be a transformers "
-                                "checkpoint in safetensors (save_pretrained writes one).")
-    return download_files(source, [names], note="There is no local directory of that name either.", **hub)[0]
-
-
-def _text_config(data: Mapping[str, Any]) -> Mapping[str, Any]:
-    # Multimodal configs nest the language model's settings.
-    return data.get("text_config") or data
-
-
-def _config_dtype(model_config: Mapping[str, Any]) -> torch.dtype | None:
-    name = model_config.get("dtype") or model_config.get("torch_dtype")
-    value = getattr(torch, name, None) if isinstance(name, str) else None
-    return value if isinstance(value, torch.dtype) else None
-
-
-def _max_positions(model_config: Mapping[str, Any]) -> int | None:
-    for key in _MAX_POSITION_KEYS:
-        value = model_config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ------------------------------------------------------------------- prompts
@@ -321,10 +229,10 @@ def _prompt_sources(prompts: Any) -> list[tuple[str | None, str]]:
 
 def _read_prompts(where: str, name: str | None, hub: dict[str, Any]) -> dict[str, _SavedPrompt]:
     """The prompts of one save: `{name: prompt}` (all of them when `name` is None)."""
-    fetch = _Source(where, revision=hub["revision"], token=hub["token"], cache_dir=hub["cache_dir"],
+    fetch = AdapterSource(where, revision=hub["revision"], token=hub["token"], cache_dir=hub["cache_dir"],
                     force_download=False, local_files_only=hub["local_files_only"])
     out = {}
-    for served_name, folder in _choose(fetch, name, None):
+    for served_name, folder in choose_prompts(fetch, name, None):
         config, tensors, _ = read_adapter_files(*fetch.adapter(folder))
         # P-tuning adapters store the encoder's output: the rows are the prompt as it is served.
         rows = tensors[PROMPT_KEY][: config.num_virtual_tokens]
@@ -335,17 +243,19 @@ def _read_prompts(where: str, name: str | None, hub: dict[str, Any]) -> dict[str
 def _check_fits(prompt: _SavedPrompt, width: int, base_model: str, check_base_model: bool) -> None:
     config, where = prompt.config, prompt.source
     if config.task_type not in (None, TaskType.CAUSAL_LM):
-        raise ValueError(f"The prompt in {where!r} has task_type={config.task_type.value!r}; serving needs "
+        task_type = config_enum(TaskType, config.task_type, "task_type")
+        raise ValueError(f"The prompt in {where!r} has task_type={task_type.value!r}; serving needs "
                          "'CAUSAL_LM' (a prompt trained on a causal language model's generation).")
     if config.placement is not Placement.FRONT:
         # add_soft_prompt refuses it for causal LMs too: generation continues after the prompt.
-        raise ValueError(f"The prompt in {where!r} has placement={config.placement.value!r}; a causal LM's prompt "
+        placement = config_enum(Placement, config.placement, "placement")
+        raise ValueError(f"The prompt in {where!r} has placement={placement.value!r}; a causal LM's prompt "
                          "goes in front (placement='front'). Train it with placement='front'.")
     if prompt.rows.shape[1] != width:
         raise ValueError(f"The prompt in {where!r} has token_dim={prompt.rows.shape[1]}, but {base_model!r} has "
                          f"token_dim={width} (its embedding width). Serve it with the base model it was trained on.")
     saved = config.base_model_name_or_path
-    if check_base_model and saved and not _same_name(saved, base_model):
+    if check_base_model and saved and not same_base_name(saved, base_model):
         raise ValueError(f"The prompt in {where!r} was trained on base_model_name_or_path={saved!r}, but the base "
                          f"model is {base_model!r}. Serve it with that model, or pass check_base_model=False if "
                          "both are the same weights (e.g. a converted copy).")

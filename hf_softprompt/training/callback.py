@@ -3,14 +3,13 @@
 The callback puts the prompt on the Trainer's model at `on_init_end`, before `train()` builds
 the optimizer from the parameters that require grad, and makes the model's `save_pretrained`
 write the adapter. Everything else (forward, loss, `evaluate`, `predict`, `generate`) is the
-injection of `inject.py`, which needs no help from the Trainer.
+injection of `model/injector.py`, which needs no help from the Trainer.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,16 +17,24 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 
+from ..accessors import input_embeddings
 from ..config import SoftPromptConfig
-from ..files.save import save_soft_prompt
 from ..model.attach import add_soft_prompt, remove_soft_prompt
 from ..model.bank import DEFAULT_NAME
 from ..model.describe import describe_soft_prompt, format_nearest_tokens
-from ..model.injector import get_injector
+from ..model.injector import get_injector, require_bank, require_injector
 from .checkpoints import adopt_trainer_hooks
 from .health import PromptHealth
 
 PromptConfigs = SoftPromptConfig | Mapping[str, SoftPromptConfig]
+
+# What the core's input errors add for the clients that train through a Trainer: the knob that
+# makes their inputs fit (`{fits}`: the most input tokens that do), and how TRL turns packing off.
+CLIENT_ADVICE = {
+    "too_long": (" In transformers' run_glue.py, run_ner.py or run_qa.py --max_seq_length {fits}; with texts "
+                 "grouped into blocks as in run_clm.py, --block_size {fits}; with TRL, SFTConfig(max_length={fits})."),
+    "packed": " With TRL: SFTConfig(packing=False, padding_free=False).",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +68,9 @@ class SoftPromptCallback(TrainerCallback):
 
     Prompt health: every `logging_steps` the training logs (and so every `report_to` logger) get,
     per prompt, `soft_prompt/<name>/grad_norm`, `.../norm_ratio` (its mean token norm over the
-    vocabulary's) and `.../cosine_to_init` (see `hf_softprompt.health`); at each evaluation the
+    vocabulary's) and `.../cosine_to_init` (see `hf_softprompt.training.health`); at each evaluation the
     vocabulary tokens nearest to each virtual token are logged as text (INFO, logger
-    `hf_softprompt.callbacks`) and kept in `callback.nearest_tokens`.
+    `hf_softprompt.training.callback`) and kept in `callback.nearest_tokens`.
 
     Args:
         config (`SoftPromptConfig` or `dict[str, SoftPromptConfig]`, *optional*): the prompt to add
@@ -85,22 +92,23 @@ class SoftPromptCallback(TrainerCallback):
         self.log_prompt_health = log_prompt_health
         self.health = PromptHealth()
         self.nearest_tokens: dict[str, str] = {}  # prompt name -> table, from the last evaluation
-        # Set by SoftPromptTrainer, whose overrides load adapter checkpoints and which logs the
-        # trainable-parameter count through Trainer.log.
-        self._in_soft_prompt_trainer = False
+        # False in a SoftPromptTrainer, which puts the trainable-parameter count in its logs.
+        self.prints_counts = True
 
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         model: nn.Module | None = None, **kwargs: Any,
     ) -> None:
         # Now, not at on_train_begin: by then `train()` has built the optimizer without the prompt.
-        trainer = None if self._in_soft_prompt_trainer else calling_trainer(self)
-        if trainer is not None:
+        trainer = calling_trainer(self)
+        soft_prompt_trainer = getattr(trainer, "handles_soft_prompt_checkpoints", False)
+        self.prints_counts = not soft_prompt_trainer
+        if trainer is not None and not soft_prompt_trainer:
             # The stock Trainer loads checkpoints as base-model weights, before any callback event,
             # and miscounts GPT-2's targets: give it SoftPromptMixin's methods for both.
             adopt_trainer_hooks(trainer)
             put_first(self, trainer.callback_handler)  # SoftPromptTrainer puts us first itself
-        elif not self._in_soft_prompt_trainer:
+        elif trainer is None:
             # No Trainer found to teach: refuse now what would fail later.
             wanted = [n for n in ("load_best_model_at_end", "resume_from_checkpoint") if getattr(args, n)]
             if wanted:
@@ -118,31 +126,31 @@ class SoftPromptCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         model: nn.Module | None = None, **kwargs: Any,
     ) -> None:
-        if get_injector(model) is None:
+        if model is None or (injector := get_injector(model)) is None:
             # `model_init` builds a new model inside `train()`, after on_init_end.
             raise ValueError(
                 f"The {type(model).__name__} being trained carries no soft prompt: with model_init, "
                 "the Trainer builds a new model inside train(). Call add_soft_prompt(model, config) "
                 "at the end of your model_init function."
             )
-        get_injector(model).ensure_outermost()  # over a forward the trainer replaced since (TRL)
+        injector.ensure_outermost()  # over a forward the trainer replaced since (TRL)
         if state.is_world_process_zero:
             summary = describe_trainable(model)
             logger.info(summary)
-            if not self._in_soft_prompt_trainer:
+            if self.prints_counts:
                 # A callback cannot reach the stock Trainer's logs: print the count once, as PEFT's
                 # print_trainable_parameters() does (SoftPromptTrainer puts it in the logs instead).
                 print(summary)
         if self.log_prompt_health:
-            self.health.start(get_injector(model).bank)
+            self.health.start(injector.bank)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         model: nn.Module | None = None, **kwargs: Any,
     ) -> None:
         # The last event with the step's gradients (already clipped: what the optimizer applies).
-        if self.log_prompt_health and get_injector(model) is not None:
-            self.health.record_gradients(get_injector(model).bank)
+        if self.log_prompt_health and model is not None and (injector := get_injector(model)) is not None:
+            self.health.record_gradients(injector.bank)
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -151,9 +159,10 @@ class SoftPromptCallback(TrainerCallback):
         # Training logs only (they carry "loss"; evaluation logs carry "eval_loss"). We run before the
         # report_to loggers (see put_first), so what we add reaches them; the log history got its
         # copy of `logs` before this event, so it is updated too.
-        if not self.log_prompt_health or logs is None or "loss" not in logs or get_injector(model) is None:
+        if (not self.log_prompt_health or logs is None or "loss" not in logs or model is None
+                or (injector := get_injector(model)) is None):
             return
-        figures = self.health.metrics(get_injector(model).bank, model.get_input_embeddings())
+        figures = self.health.metrics(injector.bank, input_embeddings(model))
         logs.update(figures)
         if state.log_history and state.log_history[-1].get("step") == state.global_step \
                 and "loss" in state.log_history[-1]:
@@ -165,18 +174,24 @@ class SoftPromptCallback(TrainerCallback):
     ) -> None:
         tokenizer = processing_class if hasattr(processing_class, "convert_ids_to_tokens") else \
             getattr(processing_class, "tokenizer", None)
-        if not self.log_prompt_health or tokenizer is None or get_injector(model) is None \
-                or not state.is_world_process_zero:
+        if not self.log_prompt_health or tokenizer is None or model is None \
+                or (injector := get_injector(model)) is None or not state.is_world_process_zero:
             return
-        for name in get_injector(model).bank:
+        for name in injector.bank:
             table = format_nearest_tokens(describe_soft_prompt(model, tokenizer, k=5, name=name))
             self.nearest_tokens[name] = table
             logger.info("Step %d, prompt %r: nearest vocabulary tokens\n%s", state.global_step, name, table)
 
 
 def calling_trainer(callback: TrainerCallback) -> Trainer | None:
-    """The `Trainer` whose event is being dispatched to `callback` (a callback is not told which
-    Trainer holds it), found on the call stack; None when called some other way."""
+    """The `Trainer` whose event is being dispatched to `callback`, or None when called some other way.
+
+    A callback is not told which Trainer holds it, and `on_init_end` (the last moment before the
+    optimizer is built) is the only place the stock Trainer can be taught to load adapter
+    checkpoints. This is the one place the package reads the call stack: it relies on
+    `Trainer.__init__` dispatching `on_init_end` through its `callback_handler` a few frames up
+    (tests/test_trainer.py::test_the_callback_finds_its_trainer fails first if that changes).
+    """
     frame = inspect.currentframe()
     for _ in range(8):  # Trainer.__init__ is three or four frames up from on_init_end
         if frame is None:
@@ -247,46 +262,13 @@ def prepare_model(model: nn.Module | None, config: PromptConfigs | None) -> nn.M
             "evaluate() and predict() work, train() will fail. Load it with is_trainable=True to "
             "continue training."
         )
-    model.save_pretrained = AdapterSavePretrained(model)
+    require_injector(model).client_advice.update(CLIENT_ADVICE)
     return model
-
-
-class AdapterSavePretrained:
-    """`save_pretrained` of a soft-prompted model: the adapter files, never the base weights.
-
-    Set on the model instance by `prepare_model` (an object rather than a bound method, so the
-    model still pickles and deep-copies). The Trainer's `_save` calls it for `save_model` and
-    every checkpoint, with `is_main_process=False` on all ranks but the first. Sharding
-    arguments do not apply to an adapter and are ignored.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(
-        self, save_directory: str | os.PathLike, is_main_process: bool = True,
-        state_dict: dict | None = None, push_to_hub: bool = False, **kwargs: Any,
-    ) -> None:
-        model = self.model
-        if get_injector(model) is None:  # remove_soft_prompt since: the plain model again
-            return type(model).save_pretrained(
-                model, save_directory, is_main_process=is_main_process, state_dict=state_dict,
-                push_to_hub=push_to_hub, **kwargs,
-            )
-        if push_to_hub:
-            raise ValueError(
-                "save_pretrained(push_to_hub=True) is not supported for a soft-prompted model. Use "
-                "save_soft_prompt(model, dir, push_to_hub=True, repo_id=...), which uploads the "
-                "adapter and its model card."
-            )
-        if is_main_process:  # under FSDP `state_dict` is the model's, gathered on this rank
-            save_soft_prompt(model, save_directory, full_state_dict=state_dict)
-        return None
 
 
 def trainable_counts(model: nn.Module) -> dict[str, float]:
     """Virtual tokens (all prompts), trainable parameters and their share of all parameters, for the logs."""
-    bank = get_injector(model).bank
+    bank = require_bank(model)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts = {
@@ -303,7 +285,7 @@ def describe_trainable(model: nn.Module) -> str:
     """E.g. "soft prompt: 20 virtual tokens, 15,360 trainable parameters (0.0123 %)", or for several
     "3 soft prompts (a: 8, b: 16, c: 4 virtual tokens), ..."."""
     counts = trainable_counts(model)
-    lengths = get_injector(model).bank.lengths()
+    lengths = require_bank(model).lengths()
     prompts = (f"soft prompt: {counts['soft_prompt_virtual_tokens']} virtual tokens" if len(lengths) == 1 else
                f"{len(lengths)} soft prompts ({', '.join(f'{n}: {p}' for n, p in lengths.items())} virtual tokens)")
     return f"{prompts}, {counts['trainable_params']:,} trainable parameters ({counts['trainable_percent']:.3g} %)"

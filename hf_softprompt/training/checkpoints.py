@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files.save import has_saved_prompts, load_soft_prompt_weights
+from ..files.load import load_soft_prompt_weights
+from ..files.prompt_set import has_saved_prompts
 from ..model.injector import get_injector
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 def load_prompts_from_checkpoint(model: nn.Module, checkpoint: str | None, what: str = "soft prompts") -> bool:
     """Load `checkpoint`'s saved prompts into `model`'s; False (nothing done) when `model` carries
     no prompt or `checkpoint` holds none, for the Trainer's own loader to handle."""
-    if get_injector(model) is None or not has_saved_prompts(checkpoint):
+    if get_injector(model) is None or checkpoint is None or not has_saved_prompts(checkpoint):
         return False
     logger.info(f"Loading the {what} from {checkpoint}.")
     load_soft_prompt_weights(model, checkpoint)

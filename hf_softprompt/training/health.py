@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..accessors import weight_of
+from ..distributed import full_table
 from ..model.bank import SoftPromptBank
-from ..prompt import full_table
 
 
 class PromptHealth:
@@ -46,7 +47,7 @@ class PromptHealth:
     def metrics(self, bank: SoftPromptBank, embeddings: nn.Module) -> dict[str, float]:
         """`{"soft_prompt/<name>/<figure>": value}` for every prompt (see the module docstring)."""
         # Under FSDP2 the tables are shards (DTensors): the figures are of the whole ones.
-        vocab_norm = full_table(embeddings.weight).detach().float().norm(dim=-1).mean().item()
+        vocab_norm = full_table(weight_of(embeddings)).detach().float().norm(dim=-1).mean().item()
         figures: dict[str, float] = {}
         for name in bank:
             prompt = full_table(bank[name]()).detach().float()  # (P, D), what the model sees

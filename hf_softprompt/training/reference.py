@@ -10,23 +10,27 @@ is that `ref_model` without a copy: it calls the prompted model's own modules, n
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast, overload
 
 from torch import nn
 
+from ..accessors import input_embeddings
 from ..model.bank import BANK_MODULE_NAME
+from ..model.bare import without_soft_prompt
 from ..model.injector import get_injector
+
+_Destination = TypeVar("_Destination", bound=dict[str, Any])  # as torch's `Module.state_dict`
 
 
 class BaseModelReference(nn.Module):
     """The bare base model of `model`, sharing its weights: pass it as a trainer's `ref_model`.
 
-    A call runs the model class's own `forward` on `model` (the injection sits on the instance, so
-    no prompt goes in), and TRL's fused LM head, which calls `base_model` and reads
-    `get_output_embeddings()`, reaches `model`'s backbone and LM head, which carry no prompt
-    either. The reference owns no parameters, so a trainer that moves, wraps or freezes its
-    reference leaves `model` alone; its `state_dict()` is the base model's (what TRL hashes to key
-    its cache of precomputed reference log-probs).
+    A call runs `model` inside `without_soft_prompt(model)`, so no prompt goes in, and TRL's fused
+    LM head, which calls `base_model` and reads `get_output_embeddings()`, reaches `model`'s
+    backbone and LM head, which carry no prompt either. The reference owns no parameters, so a
+    trainer that moves, wraps or freezes its reference leaves `model` alone; its `state_dict()` is
+    the base model's (what TRL hashes to key its cache of precomputed reference log-probs).
 
     Args:
         model (`PreTrainedModel`): a causal LM carrying soft prompts (or about to: the reference
@@ -39,6 +43,8 @@ class BaseModelReference(nn.Module):
         trainer = DPOTrainer(model=model, ref_model=BaseModelReference(model), args=args, ...)
         ```
     """
+
+    prompted_model: nn.Module  # set in __init__, outside nn.Module's registry of submodules
 
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -67,19 +73,27 @@ class BaseModelReference(nn.Module):
         return self.prompted_model.dtype
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.prompted_model.get_input_embeddings()
+        return input_embeddings(self.prompted_model)
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.prompted_model.get_output_embeddings()
+        return cast(Callable[[], nn.Module], self.prompted_model.get_output_embeddings)()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's forward on these inputs (no prompt, the same weights)."""
+        """The base model's forward on these inputs (no prompt, the same weights), through the
+        model's own `__call__`, so its module hooks (FSDP's gathering) run as for any call."""
         model = self.prompted_model
-        if get_injector(model) is not None and ("soft_prompt_names" in kwargs or "soft_prompt_ids" in kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("soft_prompt_names", "soft_prompt_ids")}
-        return _with_root_unsharded(model, type(model).forward)(model, *args, **kwargs)
+        if get_injector(model) is None:
+            return model(*args, **kwargs)
+        with without_soft_prompt(model):
+            return model(*args, **kwargs)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+    @overload
+    def state_dict(self, *, destination: _Destination, prefix: str = ..., keep_vars: bool = ...) -> _Destination: ...
+
+    @overload
+    def state_dict(self, *, prefix: str = ..., keep_vars: bool = ...) -> dict[str, Any]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's tensors, without the prompts (nor their own task heads)."""
         full = self.prompted_model.state_dict(*args, **kwargs)
         return {k: v for k, v in full.items() if not k.startswith(BANK_MODULE_NAME + ".")}
@@ -87,8 +101,9 @@ class BaseModelReference(nn.Module):
 
 def _with_root_unsharded(model: nn.Module, function: Any) -> Any:
     """`function`, run with the weights of `model`'s own FSDP2 group (embeddings, final norm, LM head)
-    gathered when `model` is sharded: a call that bypasses `model.__call__` also bypasses the hook
-    that would gather them. Sharded submodules (decoder layers) gather their own as they run."""
+    gathered when `model` is sharded. For `base_model` only: TRL's fused LM head calls the backbone
+    directly, past `model.__call__` and so past the hook that would gather them. Sharded submodules
+    (decoder layers) gather their own as they run."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch built without distributed support

@@ -7,24 +7,21 @@ import json
 import logging
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer
+from transformers import Seq2SeqTrainer, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
 from ..files.adapter import local_adapter_files, read_adapter_files
 from ..files.model_card import MODEL_CARD_NAME, build_model_card, build_prompt_set_card
-from ..files.save import (
-    prompt_folder,
-    push_adapter_folder,
-    saved_prompt_names,
-)
+from ..files.prompt_set import prompt_folder, saved_prompt_names
+from ..files.save import push_adapter_folder
 from ..model.bank import DEFAULT_NAME
-from ..model.injector import get_injector
+from ..model.injector import get_injector, require_bank
 from .callback import PromptConfigs, SoftPromptCallback, put_first, trainable_counts
 from .checkpoints import get_num_items_in_batch, load_best_model, load_from_checkpoint
 from .reference import BaseModelReference
@@ -32,7 +29,13 @@ from .reference import BaseModelReference
 logger = logging.getLogger(__name__)
 
 
-class SoftPromptMixin:
+if TYPE_CHECKING:  # the mixin's `self` is a Trainer: let type checkers see its attributes
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class SoftPromptMixin(_TrainerBase):
     """The soft-prompt behaviour of [`SoftPromptTrainer`], for any `Trainer` subclass.
 
     Put it first among the bases: `class MyTrainer(SoftPromptMixin, SomeTrainer)`. The prompts are
@@ -61,6 +64,9 @@ class SoftPromptMixin:
         ```
     """
 
+    # Read by SoftPromptCallback: this Trainer loads adapter checkpoints and logs the counts itself.
+    handles_soft_prompt_checkpoints: ClassVar[bool] = True
+
     def __init__(self, *args: Any, soft_prompt_config: PromptConfigs | None = None, **kwargs: Any) -> None:
         callbacks = list(kwargs.pop("callbacks", None) or [])
         ours = [i for i, cb in enumerate(callbacks) if _is_soft_prompt_callback(cb)]
@@ -77,16 +83,15 @@ class SoftPromptMixin:
         else:
             callback = SoftPromptCallback(soft_prompt_config)
             callbacks.append(callback)
-        callback._in_soft_prompt_trainer = True  # our overrides load adapter checkpoints and log counts
         args, kwargs = with_base_model_reference(super().__init__, args, kwargs)
-        super().__init__(*args, callbacks=callbacks, **kwargs)
+        super().__init__(*args, **{**kwargs, "callbacks": callbacks})
         put_first(callback, self.callback_handler)  # its prompt-health figures reach the report_to loggers
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         # `resume_from_checkpoint=True` picks the highest-numbered checkpoint folder, even one a crash
         # left half written: take the newest complete one instead.
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(_output_dir(self.args))
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir}).")
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -94,19 +99,20 @@ class SoftPromptMixin:
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         # The start of every train() call, with its fresh state: the place to log what trains.
         optimizer = super().create_optimizer(model)
-        if get_injector(self.model) is not None:  # else on_train_begin raises with the fix
-            self.log(trainable_counts(self.model))
+        trained = self.model
+        if trained is not None and get_injector(trained) is not None:  # else on_train_begin raises with the fix
+            self.log(trainable_counts(trained))
         return optimizer
 
     def compute_loss(self, model: nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> Any:
         # A trainer may replace the model's forward after our setup (TRL's fused LM head does, in its
         # __init__): wrap it again so every call, evaluation included, carries the prompt.
-        injector = get_injector(self.model)
+        injector = None if self.model is None else get_injector(self.model)
         if injector is not None:
             injector.ensure_outermost()
         return super().compute_loss(model, inputs, *args, **kwargs)
 
-    # The Trainer methods soft prompts change, shared with the callback's stock Trainer (trainer_hooks.py).
+    # The Trainer methods soft prompts change, shared with the callback's stock Trainer (checkpoints.py).
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
         return get_num_items_in_batch(super()._get_num_items_in_batch, self, batch_samples, device)
 
@@ -118,12 +124,16 @@ class SoftPromptMixin:
 
     def create_model_card(self, language: str | None = None, license: str | None = None,
                           tags: str | list[str] | None = None, model_name: str | None = None,
-                          finetuned_from: str | None = None, dataset: str | list[str] | None = None,
-                          **kwargs: Any) -> None:
-        # The stock card describes a full fine-tune; ours says how to load the adapter.
+                          finetuned_from: str | None = None, tasks: str | list[str] | None = None,
+                          dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
+                          dataset_args: str | list[str] | None = None, **kwargs: Any) -> None:
+        # The stock card describes a full fine-tune; ours says how to load the adapter. The signature is
+        # Trainer's; tasks, dataset_tags and dataset_args have no place on an adapter's card.
         if not self.is_world_process_zero():
             return
-        bank = get_injector(self.model).bank
+        if self.model is None:
+            raise ValueError("The Trainer has no model to describe in a model card.")
+        bank = require_bank(self.model)
         if DEFAULT_NAME in bank:
             others = {name: bank.configs[name] for name in bank.names() if name != DEFAULT_NAME}
             card = build_model_card(
@@ -134,8 +144,9 @@ class SoftPromptMixin:
             )
         else:
             card = build_prompt_set_card(bank.configs, repo_id=self.hub_model_id)
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        card.save(os.path.join(self.args.output_dir, MODEL_CARD_NAME))
+        output_dir = _output_dir(self.args)
+        os.makedirs(output_dir, exist_ok=True)
+        card.save(os.path.join(output_dir, MODEL_CARD_NAME))
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, private: bool | None = None,
@@ -144,9 +155,12 @@ class SoftPromptMixin:
         `push_tokenizer=True` the `processing_class`'s files too; never base weights,
         `training_args.bin` or logs. Other arguments as in `Trainer.push_to_hub`."""
         # The stock push uploads all of output_dir (training_args.bin, logs, tokenizer).
-        if push_tokenizer and self.processing_class is None:
-            raise ValueError("push_tokenizer=True, but the Trainer has no processing_class to push. "
-                             "Pass processing_class=tokenizer to the Trainer.")
+        tokenizer = None
+        if push_tokenizer:
+            tokenizer = self.processing_class
+            if tokenizer is None:
+                raise ValueError("push_tokenizer=True, but the Trainer has no processing_class to push. "
+                                 "Pass processing_class=tokenizer to the Trainer.")
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:
@@ -155,13 +169,13 @@ class SoftPromptMixin:
         if not self.is_world_process_zero():
             return None
         tokenizer_files = []
-        if push_tokenizer:  # the files save_model wrote; saved again to learn their names
-            written = self.processing_class.save_pretrained(self.args.output_dir)
+        if tokenizer is not None:  # the files save_model wrote; saved again to learn their names
+            written = tokenizer.save_pretrained(_output_dir(self.args))
             tokenizer_files = [os.fspath(f) for f in written if os.path.isfile(f)]
         self.create_model_card(**kwargs)
         self._finish_current_push()
         return push_adapter_folder(
-            self.args.output_dir, self.hub_model_id, extra_files=tokenizer_files, token=token,
+            _output_dir(self.args), _hub_repo_id(self), extra_files=tokenizer_files, token=token,
             commit_message=commit_message,
             revision=revision or self.args.hub_revision, create_repo=False, run_as_future=not blocking,
         )
@@ -178,17 +192,19 @@ class SoftPromptMixin:
         self.create_model_card()
         progress = (f"step {self.state.global_step}" if self.args.save_strategy == SaveStrategy.STEPS
                     else f"epoch {int(self.state.epoch)}")
+        path_in_repo: dict[str, str] = {HubStrategy.CHECKPOINT: "last-checkpoint",
+                                        HubStrategy.ALL_CHECKPOINTS: os.path.basename(checkpoint_folder)}
         job = push_adapter_folder(
-            checkpoint_folder, self.hub_model_id,
-            model_card=os.path.join(self.args.output_dir, MODEL_CARD_NAME),
-            checkpoint_path_in_repo={HubStrategy.CHECKPOINT: "last-checkpoint",
-                                     HubStrategy.ALL_CHECKPOINTS: os.path.basename(checkpoint_folder)
-                                     }.get(self.args.hub_strategy),
+            checkpoint_folder, _hub_repo_id(self),
+            model_card=os.path.join(_output_dir(self.args), MODEL_CARD_NAME),
+            checkpoint_path_in_repo=path_in_repo.get(self.args.hub_strategy),
             token=self.args.hub_token, revision=self.args.hub_revision, create_repo=False,
             commit_message=f"Training in progress, {progress}", run_as_future=True,
         )
         if self.push_in_progress is None or self.push_in_progress.is_done():
-            self.push_in_progress = PushInProgress([job])
+            # transformers types `push_in_progress` as None (all its __init__ assigns) and PushInProgress's
+            # `jobs` as one Future, where it takes a list of them.
+            self.push_in_progress = PushInProgress([job])  # type: ignore[assignment, arg-type]
         else:
             self.push_in_progress.jobs.append(job)
 
@@ -247,6 +263,17 @@ def with_base_model_reference(init: Any, args: tuple, kwargs: dict) -> tuple[tup
         )
     bound.arguments["ref_model"] = BaseModelReference(model)
     return bound.args, bound.kwargs
+
+
+def _output_dir(args: TrainingArguments) -> str:
+    """`args.output_dir`: typed optional, but `TrainingArguments.__post_init__` always sets it."""
+    return cast(str, args.output_dir)
+
+
+def _hub_repo_id(trainer: Trainer) -> str:
+    """`trainer.hub_model_id` once `init_hf_repo` has set it (transformers types it as None, all its
+    `__init__` assigns)."""
+    return cast(str, trainer.hub_model_id)
 
 
 def _is_soft_prompt_callback(callback: Any) -> bool:

@@ -5,9 +5,9 @@ The model's own `forward` (and a seq2seq encoder's, and `generate`) is wrapped o
 `generate()` stay the user's). Each call chooses a prompt per row (`soft_prompt_names=[...]` /
 `soft_prompt_ids=...`, else the active prompt, fixed for the whole of a `generate()`), and
 `SoftPromptInjector.prepare` hands it to the one function of its kind (inputs.py): no prompt, a
-first call with the prompt concatenated or taken from the shared prompt cache, or a decode step
-continuing a cache. Everything one call needs lives in that call's local variables, so threads
-calling one model never mix.
+first call with the prompt concatenated or taken from the shared prompt cache, a `generate()`
+decode step, or a hand-written loop's step continuing a cache. Everything one call needs lives in
+that call's local variables, so threads calling one model never mix.
 
 Encoder-decoder models: the prompt goes on the encoder input (the encoder's `forward` is wrapped
 too, since `generate` calls it directly); the top-level call widens the attention mask the decoder
@@ -30,6 +30,7 @@ from .inputs import (
     ModelFacts,
     concatenated_first_call,
     decode_step,
+    generate_step,
     no_prompt_call,
     read_call,
     refuse_packed_rows,
@@ -133,13 +134,15 @@ class SoftPromptInjector:
         Returns them and how to align the outputs (None: nothing to cut). `counted`: inside a
         `generate()` whose mask and positions already cover the prompt."""
         call = read_call(kwargs, self.facts.cache_key)
+        if call.past and counted:  # a generate() decode step: its inputs are in line already
+            return generate_step(kwargs, call, rows.width), None
         block = self.block(rows.for_batch(call.batch).to(call.device))
         check_label_shapes(kwargs, self.spec, call.batch, call.length)
         self._check_fits(call.past + call.length + (0 if call.past else block.width), block.width)
         if block.width == 0:
             return no_prompt_call(kwargs, call), None
         if call.past:
-            return decode_step(kwargs, call, block, counted, self.facts), None
+            return decode_step(kwargs, call, block, self.facts), None
         if self.decoder_only:
             refuse_packed_rows(kwargs, call.mask, self.client_advice.get("packed", ""))
         embeds = kwargs.get("inputs_embeds")

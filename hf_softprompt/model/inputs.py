@@ -5,8 +5,10 @@
   input embeddings (B, W+L, D).
 - `shared_first_call`: the first call of a decoder-only sequence, each distinct prompt computed
   once and handed to the call as its key/value cache (prompt_cache.py).
-- `decode_step`: a call that continues a cache already holding the prompt (`generate`'s decode
-  steps): the mask and positions cover the cached prompt, nothing else changes.
+- `generate_step`: a decode step of `generate()`, which keeps a mask and positions that cover the
+  prompt from its start: the step goes in as it came.
+- `decode_step`: a call that continues a cache holding the prompt in a hand-written loop: the mask
+  and positions are made to cover the cached prompt.
 
 `read_call` reads what every kind needs once; `injector.py` chooses the kind. Positions, labels
 and output alignment each live in their own module.
@@ -90,16 +92,28 @@ def no_prompt_call(kwargs: dict, call: Call) -> dict:
     return kwargs
 
 
-def decode_step(kwargs: dict, call: Call, block: VirtualBlock, counted: bool, facts: ModelFacts) -> dict:
-    """A call continuing a cache that holds the prompt. Inside `generate()` (`counted`) the mask
-    and positions cover the prompt already: only a `cache_position` (transformers < 5.24) moves."""
+def generate_step(kwargs: dict, call: Call, width: int) -> dict:
+    """A decode step of a `generate()` that put the prompt into its attention mask before its first
+    step (wrappers.py): mask and positions cover the prompt already, so the step goes in as it came.
+    Only a `cache_position` (transformers < 5.24, whose `generate` never counts the prompt) moves."""
+    if call.input_ids is not None:
+        kwargs["input_ids"] = call.input_ids
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None:
+        kwargs["cache_position"] = cache_position + width
+    return kwargs
+
+
+def decode_step(kwargs: dict, call: Call, block: VirtualBlock, facts: ModelFacts) -> dict:
+    """A call continuing a cache that holds the prompt, outside such a `generate()` (a hand-written
+    decoding loop): a mask of the caller's tokens gets the prompt's slots, positions move past it."""
     if call.input_ids is not None:
         kwargs["input_ids"] = call.input_ids  # the prompt is in the cache: tokens go in as they are
     mask = call.mask
     if mask is not None and mask.shape[1] + block.width == call.past + call.length:
         mask = block.assemble(mask, block.mask.to(mask.dtype))  # a caller's mask without the prompt
         kwargs["attention_mask"] = mask
-    decode_step_positions(kwargs, block, mask, call.length, counted=counted, from_mask=facts.positions_from_mask)
+    decode_step_positions(kwargs, block, mask, call.length, from_mask=facts.positions_from_mask)
     return kwargs
 
 

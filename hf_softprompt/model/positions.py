@@ -4,9 +4,9 @@ The rule: a token's position counts the tokens before it that are attended, its 
 included, as `generate` computes positions from the attention mask. Filler slots and padding move
 no position, so each row sees exactly the positions it has alone.
 
-`counted=True` says the positions given already count the prompt: `generate()` put the prompt
-into its attention mask before its first step (wrappers.py), so its positions, and every decode
-step's, are right as they come.
+`counted=True` says the positions given to a first call already count the prompt: `generate()` put
+the prompt into its attention mask before its first step (wrappers.py), so its positions, and
+every decode step's (inputs.generate_step), are right as they come.
 """
 
 from __future__ import annotations
@@ -50,16 +50,15 @@ def first_call_positions(kwargs: dict, block: VirtualBlock, mask: torch.Tensor, 
 
 
 def decode_step_positions(kwargs: dict, block: VirtualBlock, mask: torch.Tensor | None, length: int, *,
-                          counted: bool, from_mask: bool) -> None:
-    """Positions for a call continuing a cache that holds the prompt (a `generate` decode step, or
-    a hand-written decoding loop). Inside `generate()` (`counted`) the positions are right already."""
-    if not counted:
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
-            row_lengths = block.rows.row_lengths().unsqueeze(1).to(position_ids.device)
-            kwargs["position_ids"] = position_ids.expand(block.rows.batch_size, -1) + row_lengths
-        elif from_mask and mask is not None:
-            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+                          from_mask: bool) -> None:
+    """Positions for a hand-written decoding loop's call continuing a cache that holds the prompt:
+    the caller's positions (or the mask's count, covering the prompt) move past each row's prompt."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        row_lengths = block.rows.row_lengths().unsqueeze(1).to(position_ids.device)
+        kwargs["position_ids"] = position_ids.expand(block.rows.batch_size, -1) + row_lengths
+    elif from_mask and mask is not None:
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
     cache_position = kwargs.get("cache_position")
-    if cache_position is not None:  # generate's count of cached tokens never includes the prompt
+    if cache_position is not None:  # the caller's count of cached tokens does not include the prompt
         kwargs["cache_position"] = cache_position + block.width

@@ -28,7 +28,7 @@ from hf_softprompt import (
 )
 from hf_softprompt.files.load import load_soft_prompt_weights
 from hf_softprompt.model.injector import get_injector
-from hf_softprompt.training.trainer import last_complete_checkpoint
+from hf_softprompt.training.checkpoints import last_complete_checkpoint
 
 HERE = os.path.dirname(__file__)
 

@@ -35,7 +35,7 @@ from ..config import SoftPromptConfig, TaskType, config_enum
 from ..distributed import load_whole_state_dict
 from ..model.attach import attach_soft_prompt, remove_soft_prompt, resolve_trainable_modules
 from ..model.injector import get_injector, require_bank
-from ..model.tasks import infer_task_type
+from ..model.tasks import known_task_type
 from .adapter import (
     PROMPT_KEY,
     head_tensors_by_path,
@@ -155,10 +155,7 @@ def check_adapter_fits(model: nn.Module, config: SoftPromptConfig, tensors: dict
             f"The adapter in {where!r} has token_dim={prompt.shape[1]}, but {type(model).__name__} has "
             f"token_dim={width} (its input embedding width). Load the base model it was trained on."
         )
-    try:
-        task = infer_task_type(model)
-    except ValueError:  # a custom class: nothing to compare with
-        task = None
+    task = known_task_type(model)
     if task is not None and config.task_type not in (None, task):
         saved_task = config_enum(TaskType, config.task_type, "task_type")
         raise ValueError(

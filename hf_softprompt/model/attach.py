@@ -23,7 +23,7 @@ from ..prompt import SoftPrompt
 from .bank import BANK_MODULE_NAME, DEFAULT_NAME, SoftPromptBank
 from .heads import copy_module, install_routing, uninstall_routing
 from .injector import SoftPromptInjector, get_injector, install_injector, require_bank, uninstall_injector
-from .tasks import TASK_SPECS, infer_task_type, max_positions
+from .tasks import TASK_SPECS, known_task_type, max_positions
 
 # Settings of the injection itself: every prompt on one model must agree on them.
 MODEL_LEVEL_FIELDS = ("task_type", "placement", "shared_prompt_cache")
@@ -187,7 +187,7 @@ def complete_config(config: SoftPromptConfig, model: nn.Module, embeddings: nn.M
             f"config.token_dim={config.token_dim} does not match the model's embedding width "
             f"{token_dim}. Leave token_dim=None to infer it."
         )
-    inferred = _inferred_task(model)
+    inferred = known_task_type(model)
     task_type = config.task_type or inferred
     if task_type is None:
         allowed = ", ".join(t.value for t in TaskType)
@@ -227,13 +227,6 @@ def complete_config(config: SoftPromptConfig, model: nn.Module, embeddings: nn.M
                 )
     resolve_trainable_modules(model, config)  # fails here, before anything is built, on a bad name
     return config
-
-
-def _inferred_task(model: nn.Module) -> TaskType | None:
-    try:
-        return infer_task_type(model)
-    except ValueError:  # a custom class: nothing to compare with
-        return None
 
 
 def resolve_trainable_modules(model: nn.Module, config: SoftPromptConfig) -> list[tuple[str, nn.Module]]:

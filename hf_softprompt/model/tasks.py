@@ -87,6 +87,15 @@ def infer_task_type(model: nn.Module) -> TaskType:
     )
 
 
+def known_task_type(model: nn.Module) -> TaskType | None:
+    """The task head of `model`, or None for a class transformers' mappings and suffixes do not know
+    (a custom class: nothing to compare a config's task_type with)."""
+    try:
+        return infer_task_type(model)
+    except ValueError:
+        return None
+
+
 def is_decoder_only(model: nn.Module) -> bool:
     """Whether `model` is a decoder-only (causal) architecture.
 

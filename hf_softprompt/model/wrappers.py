@@ -1,10 +1,12 @@
-"""The model's own methods, wrapped on the instance: `forward` (and a seq2seq encoder's) and `generate`.
+"""The model's own methods, wrapped on the instance: `forward` (and a seq2seq encoder's), `generate`
+and `save_pretrained`.
 
-Each wrapper reads the call's per-row prompt choice (`soft_prompt_names=[...]` or
+Each call wrapper reads the call's per-row prompt choice (`soft_prompt_names=[...]` or
 `soft_prompt_ids=...`, popped so the model never sees them), asks the injector (injector.py) to
 rewrite the inputs, runs the wrapped method with that choice current (`rows.rows_in_use`, read
 by the seq2seq encoder and by task heads a prompt owns), and puts the outputs back in line. All
-per-call state is local to the call.
+per-call state is local to the call. Inside `without_soft_prompt(model)` (bare.py) every wrapper
+passes the call through untouched.
 """
 
 from __future__ import annotations

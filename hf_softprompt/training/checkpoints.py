@@ -8,21 +8,28 @@
 
 `SoftPromptMixin` overrides the methods with these functions; with the stock `Trainer`,
 `SoftPromptCallback` puts the same functions on the Trainer instance it belongs to
-(`adopt_trainer_hooks`), so both train, count and resume alike.
+(`adopt_trainer_hooks`), so both train, count and resume alike. `last_complete_checkpoint` finds
+the checkpoint `resume_from_checkpoint=True` resumes from, skipping one a crash left half written.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..files.adapter import local_adapter_files, read_adapter_files
 from ..files.load import load_soft_prompt_weights
-from ..files.prompt_set import has_saved_prompts
+from ..files.prompt_set import has_saved_prompts, prompt_folder, saved_prompt_names
 from ..model.injector import get_injector
 
 logger = logging.getLogger(__name__)
@@ -74,3 +81,30 @@ def adopt_trainer_hooks(trainer: Any) -> None:
     for name, hook in (("_load_from_checkpoint", load_from_checkpoint), ("_load_best_model", load_best_model),
                        ("_get_num_items_in_batch", get_num_items_in_batch)):
         setattr(trainer, name, functools.partial(hook, getattr(trainer, name), trainer))
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` of `output_dir` that a save finished (its `trainer_state.json`, written
+    last, parses and its adapters read), or None. Incomplete ones are named in a warning."""
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
+             if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))
+             and os.path.isdir(os.path.join(output_dir, name))]
+    skipped = []
+    for _, name in sorted(found, reverse=True):
+        path = os.path.join(output_dir, name)
+        try:
+            with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
+                json.load(f)
+            names, _ = saved_prompt_names(path)
+            for prompt in names:
+                read_adapter_files(*local_adapter_files(os.path.join(path, prompt_folder(prompt))))
+        except (OSError, ValueError) as err:
+            skipped.append(f"{name} ({type(err).__name__}: {err})")
+            continue
+        if skipped:
+            logger.warning("Skipping incomplete checkpoints (a crash while saving?): %s.", "; ".join(skipped))
+        return path
+    return None

@@ -10,6 +10,7 @@ is that `ref_model` without a copy: it calls the prompted model's own modules, n
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar, cast, overload
 
@@ -119,3 +120,31 @@ def _with_root_unsharded(model: nn.Module, function: Any) -> Any:
             model.reshard()
 
     return run
+
+
+def with_base_model_reference(init: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The arguments for `init` of a preference trainer (one with a `ref_model`, e.g. TRL's
+    `DPOTrainer`) given no reference: `ref_model=BaseModelReference(model)`, the base model under
+    the prompt, sharing its weights. Else TRL 1.16 loads a second copy of the model from its
+    `_name_or_path` or, with `precompute_ref_log_probs=True`, scores with the training model itself
+    (once training has begun, with its prompt: a later `evaluate()` precompute is then wrong)."""
+    try:
+        signature = inspect.signature(init)
+    except (TypeError, ValueError):  # a builtin or C-level init: no reference to fill in
+        return args, kwargs
+    if "ref_model" not in signature.parameters:
+        return args, kwargs
+    bound = signature.bind_partial(*args, **kwargs)
+    model = bound.arguments.get("model")
+    if bound.arguments.get("ref_model") is not None or not isinstance(model, nn.Module):
+        return args, kwargs  # the caller's own reference, or a model TRL loads from a name
+    if hasattr(model, "peft_config"):
+        return args, kwargs  # a PEFT model: TRL takes its reference by disabling the adapters
+    if getattr(bound.arguments.get("args"), "sync_ref_model", False):
+        raise ValueError(
+            "sync_ref_model=True moves the reference model towards the policy, but with a soft prompt the "
+            "reference is the frozen base model itself (no copy to move). Use sync_ref_model=False, or pass "
+            "your own ref_model=... to sync."
+        )
+    bound.arguments["ref_model"] = BaseModelReference(model)
+    return bound.args, bound.kwargs

@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import os
-import re
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
+from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
-from ..files.adapter import local_adapter_files, read_adapter_files
 from ..files.model_card import MODEL_CARD_NAME, build_model_card, build_prompt_set_card
-from ..files.prompt_set import prompt_folder, saved_prompt_names
 from ..files.save import push_adapter_folder
 from ..model.bank import DEFAULT_NAME
 from ..model.injector import get_injector, require_bank
 from .callback import PromptConfigs, SoftPromptCallback, put_first, trainable_counts
-from .checkpoints import get_num_items_in_batch, load_best_model, load_from_checkpoint
-from .reference import BaseModelReference
+from .checkpoints import get_num_items_in_batch, last_complete_checkpoint, load_best_model, load_from_checkpoint
+from .reference import with_base_model_reference
 
 logger = logging.getLogger(__name__)
 
@@ -237,34 +231,6 @@ class SoftPromptSeq2SeqTrainer(SoftPromptMixin, Seq2SeqTrainer):
     """
 
 
-def with_base_model_reference(init: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The arguments for `init` of a preference trainer (one with a `ref_model`, e.g. TRL's
-    `DPOTrainer`) given no reference: `ref_model=BaseModelReference(model)`, the base model under
-    the prompt, sharing its weights. Else TRL 1.16 loads a second copy of the model from its
-    `_name_or_path` or, with `precompute_ref_log_probs=True`, scores with the training model itself
-    (once training has begun, with its prompt: a later `evaluate()` precompute is then wrong)."""
-    try:
-        signature = inspect.signature(init)
-    except (TypeError, ValueError):  # a builtin or C-level init: no reference to fill in
-        return args, kwargs
-    if "ref_model" not in signature.parameters:
-        return args, kwargs
-    bound = signature.bind_partial(*args, **kwargs)
-    model = bound.arguments.get("model")
-    if bound.arguments.get("ref_model") is not None or not isinstance(model, nn.Module):
-        return args, kwargs  # the caller's own reference, or a model TRL loads from a name
-    if hasattr(model, "peft_config"):
-        return args, kwargs  # a PEFT model: TRL takes its reference by disabling the adapters
-    if getattr(bound.arguments.get("args"), "sync_ref_model", False):
-        raise ValueError(
-            "sync_ref_model=True moves the reference model towards the policy, but with a soft prompt the "
-            "reference is the frozen base model itself (no copy to move). Use sync_ref_model=False, or pass "
-            "your own ref_model=... to sync."
-        )
-    bound.arguments["ref_model"] = BaseModelReference(model)
-    return bound.args, bound.kwargs
-
-
 def _output_dir(args: TrainingArguments) -> str:
     """`args.output_dir`: typed optional, but `TrainingArguments.__post_init__` always sets it."""
     return cast(str, args.output_dir)
@@ -280,30 +246,3 @@ def _is_soft_prompt_callback(callback: Any) -> bool:
     if isinstance(callback, type):
         return issubclass(callback, SoftPromptCallback)
     return isinstance(callback, SoftPromptCallback)
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-N` of `output_dir` that a save finished (its `trainer_state.json`, written
-    last, parses and its adapters read), or None. Incomplete ones are named in a warning."""
-    output_dir = os.fspath(output_dir)
-    if not os.path.isdir(output_dir):
-        return None
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
-             if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))
-             and os.path.isdir(os.path.join(output_dir, name))]
-    skipped = []
-    for _, name in sorted(found, reverse=True):
-        path = os.path.join(output_dir, name)
-        try:
-            with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
-                json.load(f)
-            names, _ = saved_prompt_names(path)
-            for prompt in names:
-                read_adapter_files(*local_adapter_files(os.path.join(path, prompt_folder(prompt))))
-        except (OSError, ValueError) as err:
-            skipped.append(f"{name} ({type(err).__name__}: {err})")
-            continue
-        if skipped:
-            logger.warning("Skipping incomplete checkpoints (a crash while saving?): %s.", "; ".join(skipped))
-        return path
-    return None

@@ -104,10 +104,11 @@ class SoftPromptConfig:
         base_model_name_or_path (`str`, *optional*): filled from the model when the prompt is added.
         shared_prompt_cache (`bool`, *optional*): decoder-only models compute the prompt once per
             call and let every row attend to its keys/values (same results, less compute; a
-            `generate()` computes them once, at its first step). `None` (default): wherever that is faster, i.e.
-            always except training on an accelerator (measured slower there); `True`: wherever
-            the model can; `False`: never. Models and calls that cannot (sliding-window caches,
-            activation checkpointing in training, encoders) concatenate it to every row.
+            `generate()` computes them once, at its first step). `None` (default): wherever that
+            is faster, i.e. always except training on an accelerator (measured slower there) and
+            calls with one row per prompt (nothing to share); `True`: wherever the model can;
+            `False`: never. Models and calls that cannot (sliding-window caches, activation
+            checkpointing in training, encoders) concatenate it to every row.
 
     Example:
         ```python

@@ -240,9 +240,31 @@ def test_shared_path_is_logged_once(caplog):
     shared, _ = pair("llama")
     with caplog.at_level(logging.INFO, logger=LOGGER):
         shared(**make_batch("causal_lm", [3, 3]))
-        shared.generate(input_ids=torch.tensor([[5, 6]]), **gen_kwargs())
+        shared.generate(input_ids=torch.tensor([[5, 6], [7, 8]]), **gen_kwargs())
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert messages == ["LlamaForCausalLM: soft prompt computed once per batch (shared prompt cache)."]
+
+
+@pytest.mark.parametrize("lengths,names", [([4], None), ([4, 3], ["a", "b"]), ([4, 3], ["a", None])])
+def test_one_row_per_prompt_concatenates_unless_forced(caplog, lengths, names):
+    """With each prompt in one row there is nothing to share: the default (None) concatenates,
+    saving the prompt pass; True still shares. Both give the concatenated result."""
+    base = make_model("llama", "causal_lm")
+    models = {}
+    for setting in (None, True, False):
+        models[setting] = model = copy.deepcopy(base)
+        for name in ("a", "b"):
+            add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=3, shared_prompt_cache=setting), name=name)
+        model.soft_prompts.load_state_dict(models[None].soft_prompts.state_dict())
+    batch = make_batch("causal_lm", lengths)
+    choice = {} if names is None else {"soft_prompt_names": names}
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        outs = {s: m(**batch, **choice).logits for s, m in models.items()}
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert any("plain path): each prompt serves a single row" in m for m in messages)
+    assert any("shared prompt cache" in m for m in messages)  # forced by True
+    for setting in (None, True):
+        torch.testing.assert_close(outs[setting], outs[False], atol=ATOL, rtol=0)
 
 
 def test_checkpointing_in_eval_mode_still_shares():

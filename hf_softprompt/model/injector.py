@@ -149,7 +149,7 @@ class SoftPromptInjector:
         if embeds is None:
             embeds = input_embeddings(self.model)(call.input_ids)
         prompts = [self.bank[name]().to(dtype=embeds.dtype, device=call.device) for name in block.rows.slots]
-        if self.shared.reason_against(kwargs, call.device) is SHARED:
+        if self.shared.reason_against(kwargs, call.device, block.rows) is SHARED:
             # Each distinct prompt runs once; its keys/values come in as this call's cache.
             caller_cache = kwargs.get(self.facts.cache_key)
             cache = self.shared.build(prompts, block.rows, caller_cache)

@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..accessors import model_config
 from ..distributed import is_fsdp_sharded
-from .rows import RowPrompts, bare_calls, rows_in_use
+from .rows import NO_PROMPT, RowPrompts, bare_calls, rows_in_use
 from .tasks import TaskSpec, cache_argument, is_decoder_only
 
 logger = logging.getLogger(__name__)
@@ -69,14 +69,21 @@ class SharedPromptCache:
         self._base_cache_key = cache_argument(self.base)  # the prompt pass's (read once, not per step)
         self._logged: set[str | None] = set()
 
-    def reason_against(self, kwargs: dict[str, Any], device: torch.device) -> str | None:
-        """Why the call with these (first-call) arguments, on `device`, must concatenate the prompt;
-        None when it can use the shared cache. Logs the path taken, once per model and reason."""
+    def reason_against(self, kwargs: dict[str, Any], device: torch.device,
+                       rows: RowPrompts | None = None) -> str | None:
+        """Why the call with these (first-call) arguments, on `device`, with these `rows`, must
+        concatenate the prompt; None when it can use the shared cache. Logs the path taken, once per
+        model and reason."""
         reason = self.model_reason or call_reason(self.model, self.spec, kwargs, self.cache_key)
         if reason is SHARED and self.setting is None and device.type != "cpu" and self.needs_graph():
             reason = (f"training on {device.type}, where the extra prompt pass (forward and backward) costs "
                       "more than it saves (1.3-2.0x slower steps on an H100); "
                       "SoftPromptConfig(shared_prompt_cache=True) forces the shared path")
+        if reason is SHARED and self.setting is None and rows is not None and \
+                rows.batch_size - int(rows.rows_of(NO_PROMPT).numel()) <= len(rows.slots):
+            # One row per prompt (e.g. generate() at batch 1): nothing to share, and the prompt pass
+            # would be one more forward call.
+            reason = "each prompt serves a single row, so there is nothing to share"
         if reason not in self._logged:  # two threads may both log it: harmless
             self._logged.add(reason)
             name = type(self.model).__name__

@@ -284,7 +284,7 @@ def test_prompts_of_one_model_must_agree_on_its_settings():
     with pytest.raises(ValueError, match=r"The new prompt has placement='after_first_token', but the prompts on "
                                          r"the model have placement='front'"):
         add_soft_prompt(model, SoftPromptConfig(placement="after_first_token"), name="b")
-    with pytest.raises(ValueError, match=r"A soft prompt name must be a non-empty string without '\.'"):
+    with pytest.raises(ValueError, match=r"Invalid soft prompt name 'a\.b': a prompt name is a non-empty string"):
         add_soft_prompt(model, SoftPromptConfig(), name="a.b")
     assert soft_prompt_names(model) == ["default"]
 

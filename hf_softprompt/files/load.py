@@ -34,6 +34,7 @@ from ..accessors import input_embeddings, weight_of
 from ..config import SoftPromptConfig, TaskType, config_enum
 from ..distributed import load_whole_state_dict
 from ..model.attach import attach_soft_prompt, remove_soft_prompt, resolve_trainable_modules
+from ..model.bank import check_prompt_name
 from ..model.injector import get_injector, require_bank
 from ..model.tasks import known_task_type
 from .adapter import (
@@ -102,6 +103,8 @@ def load_soft_prompt(
         ```
     """
     source = os.fspath(repo_id_or_path)
+    if name is not None:
+        check_prompt_name(name)
     if subfolder is not None and (os.path.isabs(subfolder) or ".." in subfolder.replace("\\", "/").split("/")):
         raise ValueError(f"subfolder must be a relative path inside the repo or directory, got {subfolder!r}.")
     fetch = AdapterSource(source, revision=revision, token=token, cache_dir=cache_dir, force_download=force_download,
@@ -137,7 +140,7 @@ def load_soft_prompt(
             remove_soft_prompt(model, done)
         raise
     if name is None and subfolder is None and not had_prompts:
-        require_bank(model).active = fetch.active or loaded[0]
+        require_bank(model).active = fetch.active if fetch.indexed else loaded[0]
     return model
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..model.bank import DEFAULT_NAME
+from ..model.bank import DEFAULT_NAME, check_prompt_name
 from .adapter import ADAPTER_FILES, local_adapter_files
 from .model_card import MODEL_CARD_NAME
 
@@ -41,10 +41,21 @@ def read_index(index_path: str) -> tuple[list[str], str | None]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{index_path!r} is not valid JSON ({err}). Save the prompts again.") from err
     names = data.get("prompts") if isinstance(data, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+    if not isinstance(names, list) or not names:
         raise ValueError(f"{index_path!r} lists no prompts ({data!r}); save the prompts again.")
-    active = data.get("active")
-    return names, active if active in names else names[0]
+    for name in names:
+        check_prompt_name(name, where=index_path)  # never a path outside the directory, e.g. '../x'
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{index_path!r} lists {twice} more than once, so the set it describes is damaged "
+                         "(a hand edit, or two saves mixed): save the prompts again.")
+    # An index without "active" (written by hand) uses the first prompt; `"active": null` is the bare
+    # model for calls that name no prompt, as it was when saved.
+    active = data.get("active", names[0])
+    if active is not None and active not in names:
+        raise ValueError(f"{index_path!r} names active={active!r}, which is not one of its prompts {names}; "
+                         "save the prompts again.")
+    return names, active
 
 
 def has_saved_prompts(directory: str | os.PathLike | None) -> bool:

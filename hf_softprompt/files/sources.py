@@ -22,6 +22,7 @@ class AdapterSource:
         self.hub = hub
         self.local = os.path.isdir(source)
         self.active: str | None = None
+        self.indexed = False  # whether the source holds a soft_prompts.json (then `active` is its choice)
         if not self.local:
             try:
                 validate_repo_id(source)
@@ -40,6 +41,7 @@ class AdapterSource:
         if not found:
             return None
         names, self.active = read_index(found[0])
+        self.indexed = True
         return names, self.active
 
     def adapter(self, folder: str) -> tuple[str, str]:

@@ -20,7 +20,7 @@ from torch import nn
 from ..accessors import encoder_of, input_embeddings, weight_of
 from ..config import Placement, SoftPromptConfig, TaskType, config_enum
 from ..prompt import SoftPrompt
-from .bank import BANK_MODULE_NAME, DEFAULT_NAME, SoftPromptBank
+from .bank import BANK_MODULE_NAME, DEFAULT_NAME, SoftPromptBank, check_prompt_name
 from .heads import copy_module, install_routing, uninstall_routing
 from .injector import SoftPromptInjector, get_injector, install_injector, require_bank, uninstall_injector
 from .tasks import TASK_SPECS, known_task_type, max_positions
@@ -125,11 +125,7 @@ def _build(model: nn.Module, config: SoftPromptConfig, embeddings: nn.Module,
 
 
 def _check_name(model: nn.Module, name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name or "/" in name or name.strip() != name:
-        raise ValueError(
-            f"A soft prompt name must be a non-empty string without '.', '/' or surrounding spaces, got "
-            f"{name!r}. E.g. 'sentiment'."
-        )
+    check_prompt_name(name)
     injector = get_injector(model)
     if injector is not None and name in injector.bank:
         raise ValueError(

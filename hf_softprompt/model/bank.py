@@ -21,6 +21,29 @@ DEFAULT_NAME = "default"
 BANK_MODULE_NAME = "soft_prompts"
 
 
+MAX_NAME_LENGTH = 128  # characters, and at most 255 bytes as UTF-8: a saved prompt's folder has its name
+# Names a ModuleDict cannot hold as keys: its own attributes (`train`, `to`, `type`, `forward`, ...).
+_MODULE_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))
+NAME_RULE = (
+    f"a prompt name is a non-empty string of at most {MAX_NAME_LENGTH} characters (255 bytes as UTF-8), "
+    "without '.', '/', '\\', control characters (such as NUL) or surrounding spaces, and not the name of an "
+    "nn.Module attribute (such as 'train', 'to', 'type' or 'forward'): each prompt is a submodule, and "
+    "saved in a folder of its name"
+)
+
+
+def check_prompt_name(name: object, where: str = "") -> str:
+    """`name` if it follows the one rule for prompt names (`NAME_RULE`), else a ValueError that states
+    the rule. Checked wherever a name enters: `add_soft_prompt`, loading, a saved `soft_prompts.json`."""
+    if isinstance(name, str) and name and name.strip() == name and len(name) <= MAX_NAME_LENGTH \
+            and len(name.encode("utf-8", "surrogatepass")) <= 255 and not any(c in name for c in "./\\") \
+            and not any(ord(c) < 32 or ord(c) == 127 for c in name) and name not in _MODULE_ATTRIBUTES:
+        return name
+    place = f" in {where}" if where else ""
+    shown = name if not isinstance(name, str) or len(name) <= 60 else name[:60] + "..."
+    raise ValueError(f"Invalid soft prompt name {shown!r}{place}: {NAME_RULE}. E.g. 'sentiment'.")
+
+
 def head_key(module_name: str) -> str:
     """A module path as a `ModuleDict` key (which cannot hold dots): `a.b` -> `a__b`."""
     return module_name.replace(".", "__")

@@ -1,0 +1,105 @@
+"""The prompt set as a unit: one rule for names wherever they enter, and what `soft_prompts.json` may say."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from models import make_model
+
+from hf_softprompt import (
+    SoftPromptConfig,
+    add_soft_prompt,
+    get_active_soft_prompt,
+    load_soft_prompt,
+    save_soft_prompt,
+    set_active_soft_prompt,
+    soft_prompt_names,
+)
+from hf_softprompt.serving import PromptEmbedder
+
+RULE = r"Invalid soft prompt name .*: a prompt name is a non-empty string of at most 128 characters"
+BAD_NAMES = ["type", "train", "to", "forward", "state_dict", "a.b", "../x", "/abs", "a\\b", "a\x00b", "x" * 129,
+             "界" * 90, " padded", "", None, 3]
+
+
+def two_prompts(family="llama"):
+    model = make_model(family, "causal_lm")
+    for name in ("x", "y"):
+        add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=2), name=name)
+    return model
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_bad_name_is_refused_at_add_with_the_rule_and_the_model_untouched(name):
+    model = two_prompts()
+    with pytest.raises(ValueError, match=RULE):
+        add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=2), name=name)
+    assert soft_prompt_names(model) == ["x", "y"]
+
+
+@pytest.mark.parametrize("name", ["sentiment", "名前", "täst-1", "a b", "x" * 128])
+def test_good_names_save_and_load_back(tmp_path, name):
+    model = add_soft_prompt(make_model("gpt2", "causal_lm"), SoftPromptConfig(num_virtual_tokens=2), name=name)
+    save_soft_prompt(model, tmp_path)
+    other = load_soft_prompt(make_model("gpt2", "causal_lm"), tmp_path)
+    assert soft_prompt_names(other) == [name]
+    torch.testing.assert_close(other.soft_prompts[name](), model.soft_prompts[name](), atol=0, rtol=0)
+
+
+def test_a_bad_name_is_refused_at_load():
+    with pytest.raises(ValueError, match=RULE):
+        load_soft_prompt(make_model("gpt2", "causal_lm"), "/nonexistent", name="type")
+
+
+def saved_set(tmp_path):
+    model = two_prompts()
+    save_soft_prompt(model, tmp_path)
+    return model
+
+
+def edit_index(directory, **changes):
+    path = os.path.join(directory, "soft_prompts.json")
+    with open(path) as f:
+        data = json.load(f)
+    data.update(changes)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+@pytest.mark.parametrize("prompts", [["x", "../y"], ["x", "/tmp/y"], ["x", "type"]])
+def test_an_index_naming_a_path_or_a_bad_name_is_refused_by_load_and_serving(tmp_path, prompts):
+    saved_set(tmp_path / "set")
+    edit_index(tmp_path / "set", prompts=prompts)
+    with pytest.raises(ValueError, match=r"Invalid soft prompt name .* in .*soft_prompts\.json: a prompt name is"):
+        load_soft_prompt(make_model("llama", "causal_lm"), tmp_path / "set")
+    make_model("llama", "causal_lm").save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match=RULE):
+        PromptEmbedder.from_pretrained(str(tmp_path / "base"), prompts=str(tmp_path / "set"))
+
+
+def test_an_index_listing_a_name_twice_is_refused_as_damaged(tmp_path):
+    saved_set(tmp_path)
+    edit_index(tmp_path, prompts=["x", "y", "x"])
+    with pytest.raises(ValueError, match=r"lists \['x'\] more than once, so the set it describes is damaged"):
+        load_soft_prompt(make_model("llama", "causal_lm"), tmp_path)
+
+
+def test_no_active_prompt_loads_as_no_active_prompt(tmp_path):
+    model = two_prompts()
+    set_active_soft_prompt(model, None)  # calls that name no prompt: the bare model
+    save_soft_prompt(model, tmp_path)
+    loaded = load_soft_prompt(make_model("llama", "causal_lm"), tmp_path)
+    assert get_active_soft_prompt(loaded) is None
+    ids = torch.randint(3, 90, (2, 5))
+    bare = make_model("llama", "causal_lm")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, bare(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_an_index_with_an_unknown_active_prompt_is_refused(tmp_path):
+    saved_set(tmp_path)
+    edit_index(tmp_path, active="z")
+    with pytest.raises(ValueError, match=r"names active='z', which is not one of its prompts \['x', 'y'\]"):
+        load_soft_prompt(make_model("llama", "causal_lm"), tmp_path)

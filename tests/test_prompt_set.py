@@ -103,3 +103,30 @@ def test_an_index_with_an_unknown_active_prompt_is_refused(tmp_path):
     edit_index(tmp_path, active="z")
     with pytest.raises(ValueError, match=r"names active='z', which is not one of its prompts \['x', 'y'\]"):
         load_soft_prompt(make_model("llama", "causal_lm"), tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@torch.no_grad()
+def test_rows_that_each_fit_share_a_batch_however_wide_it_is(family):
+    """128 positions: 8 virtual + 110 real and 100 virtual + 20 real each fit, though the padded
+    batch is 100 + 110 wide; each row's output equals the row alone. A row that does not fit is
+    refused by number."""
+    model = make_model(family, "causal_lm")
+    for name, n in (("short", 8), ("long", 100)):
+        add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=n), name=name)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 90, (2, 110), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :90] = 0  # left padding: the second row has 20 real tokens
+    names = ["short", "long"]
+    logits = model(input_ids=ids, attention_mask=mask, soft_prompt_names=names).logits
+    for row, name in enumerate(names):
+        alone = model(input_ids=ids[row:row + 1, -int(mask[row].sum()):], soft_prompt_names=[name]).logits
+        torch.testing.assert_close(logits[row:row + 1, -alone.shape[1]:], alone, atol=1e-4, rtol=0)
+    out = model.generate(input_ids=ids, attention_mask=mask, soft_prompt_names=names, max_new_tokens=2,
+                         do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 112)
+    mask[1, 80:90] = 1  # 100 virtual + 30 real: one row too long
+    with pytest.raises(ValueError, match=r"The prompt \(100 virtual tokens\) plus the input \(30 tokens\) in row 1 "
+                                         r"exceed the model's 128 positions\. Truncate inputs to at most 28 tokens"):
+        model(input_ids=ids, attention_mask=mask, soft_prompt_names=names)

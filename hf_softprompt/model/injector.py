@@ -27,6 +27,7 @@ from ..config import Placement, SoftPromptConfig, TaskType, config_enum
 from .alignment import OutputAlignment
 from .bank import BANK_MODULE_NAME, SoftPromptBank
 from .inputs import (
+    Call,
     ModelFacts,
     concatenated_first_call,
     decode_step,
@@ -138,7 +139,7 @@ class SoftPromptInjector:
             return generate_step(kwargs, call, rows.width), None
         block = self.block(rows.for_batch(call.batch).to(call.device))
         check_label_shapes(kwargs, self.spec, call.batch, call.length)
-        self._check_fits(call.past + call.length + (0 if call.past else block.width), block.width)
+        self._check_fits(call, block)
         if block.width == 0:
             return no_prompt_call(kwargs, call), None
         if call.past:
@@ -156,16 +157,34 @@ class SoftPromptInjector:
             return shared_first_call(kwargs, call, block, embeds, cache, caller_cache, counted, self.facts)
         return concatenated_first_call(kwargs, call, block, embeds, prompts, counted, self.facts)
 
-    def _check_fits(self, total: int, width: int) -> None:
+    def _check_fits(self, call: Call, block: VirtualBlock) -> None:
+        """Refuse a call that needs more positions than the model has, naming the most that fit.
+
+        Decoder-only models take positions from the mask (positions.py): a row needs its own prompt
+        plus its own attended tokens, however wide the padded batch is. Other models count positions
+        by index in the (W+L) sequence."""
         limit = self.facts.max_positions
-        if limit is not None and total > limit:
-            fits = limit - width
-            advice = self.client_advice.get("too_long", "").format(fits=fits)
-            raise ValueError(
-                f"The prompt ({width} virtual tokens) plus the input ({total - width} tokens) exceed the "
-                f"model's {limit} positions. Truncate inputs to at most {fits} tokens: "
-                f"tokenizer(..., truncation=True, max_length={fits}).{advice}"
-            )
+        width = block.width
+        total = call.past + call.length + (0 if call.past else width)
+        if limit is None or total <= limit:
+            return
+        row = None
+        if not call.past and self.layout is Layout.FRONT and self.facts.positions_from_mask:
+            prompt = block.rows.row_lengths()  # (B,)
+            attended = call.mask.sum(1) if call.mask is not None else torch.full_like(prompt, call.length)
+            needed = attended + prompt if call.mask is None or call.mask.shape[1] == call.length else attended
+            row = int(needed.argmax())
+            width, total = int(prompt[row]), int(needed[row])
+            if total <= limit:
+                return
+        fits = limit - width
+        advice = self.client_advice.get("too_long", "").format(fits=fits)
+        which = "" if row is None or call.batch == 1 else f" in row {row}"
+        raise ValueError(
+            f"The prompt ({width} virtual tokens) plus the input ({total - width} tokens){which} exceed the "
+            f"model's {limit} positions. Truncate inputs to at most {fits} tokens: "
+            f"tokenizer(..., truncation=True, max_length={fits}).{advice}"
+        )
 
     # ------------------------------------------------------------ install/remove
     def ensure_outermost(self) -> None:

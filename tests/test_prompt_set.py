@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 
@@ -18,7 +20,7 @@ from hf_softprompt import (
     set_active_soft_prompt,
     soft_prompt_names,
 )
-from hf_softprompt.serving import PromptEmbedder
+from hf_softprompt.serving import PromptEmbedder, encode_prompt_embeds
 
 RULE = r"Invalid soft prompt name .*: a prompt name is a non-empty string of at most 128 characters"
 BAD_NAMES = ["type", "train", "to", "forward", "state_dict", "a.b", "../x", "/abs", "a\\b", "a\x00b", "x" * 129,
@@ -130,3 +132,43 @@ def test_rows_that_each_fit_share_a_batch_however_wide_it_is(family):
     with pytest.raises(ValueError, match=r"The prompt \(100 virtual tokens\) plus the input \(30 tokens\) in row 1 "
                                          r"exceed the model's 128 positions\. Truncate inputs to at most 28 tokens"):
         model(input_ids=ids, attention_mask=mask, soft_prompt_names=names)
+
+
+# ------------------------------------------------------------------- serving trusts no input
+def served(tmp_path, num_virtual_tokens=8):
+    base = tmp_path / "base"
+    make_model("llama", "causal_lm").save_pretrained(base)
+    model = add_soft_prompt(make_model("llama", "causal_lm"), SoftPromptConfig(num_virtual_tokens=num_virtual_tokens))
+    save_soft_prompt(model, tmp_path / "p")
+    return str(base), model
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_prompt_holding_nan_or_inf_is_refused_by_serving_and_load(tmp_path, value):
+    base, model = served(tmp_path)
+    with torch.no_grad():
+        model.soft_prompts["default"].embedding.weight[3, 5] = value
+    save_soft_prompt(model, tmp_path / "p")
+    with pytest.raises(ValueError, match=r"holds NaN or infinite values in \['prompt_embeddings'"):
+        PromptEmbedder.from_pretrained(base, prompts=tmp_path / "p")
+    with pytest.raises(ValueError, match=r"NaN or infinite values .* Load an earlier checkpoint"):
+        load_soft_prompt(make_model("llama", "causal_lm"), tmp_path / "p")
+
+
+def test_too_long_advice_is_never_a_negative_number_of_tokens(tmp_path):
+    base, _ = served(tmp_path)
+    embedder = PromptEmbedder.from_pretrained(base, prompts=tmp_path / "p")  # 128 positions, 8 virtual
+    with pytest.raises(ValueError, match=r"Truncate the input to at most 20 tokens\.$"):
+        embedder([5] * 30, prompt="default", max_new_tokens=100)
+    with pytest.raises(ValueError, match=r"leave no room for an input: lower max_new_tokens below 120") as err:
+        embedder([5] * 30, prompt="default", max_new_tokens=125)
+    assert "at most -" not in str(err.value)
+
+
+def test_one_request_sliced_from_a_batch_sends_only_its_own_rows():
+    batch = torch.randn(64, 40, 32)
+    alone = encode_prompt_embeds(batch[3].clone())
+    sliced = encode_prompt_embeds(batch[3])
+    assert abs(len(sliced) - len(alone)) < 200  # the same payload, not the 64x larger storage
+    decoded = torch.load(io.BytesIO(base64.b64decode(sliced)), weights_only=True)
+    assert torch.equal(decoded, batch[3])

@@ -167,6 +167,13 @@ def read_adapter_files(
             f"{tuple(prompt.shape)}, its config says {json_num} virtual tokens (metadata: {num}) of width "
             f"{config.token_dim}. Save it again."
         )
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    if bad:
+        raise ValueError(
+            f"{weights_path!r} holds NaN or infinite values in {sorted(bad)}: the prompt diverged before it "
+            "was saved (or the file is damaged). Load an earlier checkpoint, or train again with a lower "
+            "learning rate."
+        )
     return config, tensors, peft_json
 
 

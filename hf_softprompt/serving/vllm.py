@@ -178,10 +178,14 @@ class PromptEmbedder:
         rows = tokens[:0] if prompt is None else self._prompt(prompt).rows  # (P, D)
         total = rows.shape[0] + ids.numel() + max_new_tokens
         if self.max_positions is not None and total > self.max_positions:
+            room = self.max_positions - rows.shape[0] - max_new_tokens
+            fix = (f"Truncate the input to at most {room} tokens." if room > 0 else
+                   f"The prompt and max_new_tokens alone leave no room for an input: lower max_new_tokens "
+                   f"below {self.max_positions - rows.shape[0]} and truncate the input to fit.")
             raise ValueError(
                 f"The request is {total} positions long (prompt {prompt!r}: {rows.shape[0]} virtual tokens, "
                 f"{ids.numel()} tokens, {max_new_tokens} new tokens), beyond the model's {self.max_positions}. "
-                f"Truncate the input to at most {self.max_positions - rows.shape[0] - max_new_tokens} tokens.")
+                + fix)
         return torch.cat([rows, tokens])  # (P + L, D), as the injector lays out a causal LM's input
 
     def _prompt(self, name: str) -> ServedPrompt:
@@ -204,7 +208,8 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
         raise ValueError(f"prompt_embeds must be one request's 2-D (N, D) tensor, got "
                          f"{getattr(embeds, 'shape', type(embeds).__name__)}.")
     buffer = io.BytesIO()
-    torch.save(embeds.detach().cpu().contiguous(), buffer)
+    # clone(): torch.save writes a view's whole storage, e.g. all of a batch for one row sliced from it.
+    torch.save(embeds.detach().cpu().clone(memory_format=torch.contiguous_format), buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

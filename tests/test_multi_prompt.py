@@ -261,7 +261,11 @@ def test_rows_without_a_prompt_are_the_bare_model_bit_for_bit():
     ({"soft_prompt_names": ["default"]}, ValueError, r"soft_prompt_names has 1 entries for a batch of 2 rows"),
     ({"soft_prompt_names": "default"}, TypeError, r"soft_prompt_names must be a list with one prompt name"),
     ({"soft_prompt_ids": torch.tensor([0, 3])}, ValueError,
-     r"soft_prompt_ids holds \[3\], but the model carries 3 prompts"),
+     r"soft_prompt_ids holds \[3\] \(in rows \[1\] of the batch\), but the model carries 3 prompts"),
+    ({"soft_prompt_ids": ["short", "mlp"]}, TypeError,
+     r"soft_prompt_ids holds prompt names \(\['short', 'mlp'\]\); .* Pass the names as soft_prompt_names"),
+    ({"soft_prompt_names": [["short"], "mlp"]}, TypeError,
+     r"one prompt name \(a str\) or None per row, got \['short'\] in row 0"),
     ({"soft_prompt_ids": torch.tensor([0.0, 1.0])}, ValueError, r"soft_prompt_ids must be one integer per row"),
     ({"soft_prompt_ids": [0, 1], "soft_prompt_names": ["short", "short"]}, ValueError, "not both"),
 ])

@@ -161,3 +161,21 @@ def test_resume_with_several_prompts_is_exact(tmp_path, tokenizer_dir):
         assert ours.keys() == reference.keys()
         for key in reference:
             torch.testing.assert_close(ours[key], reference[key], atol=0, rtol=0, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("kind", ["subclass", "callback"])
+@pytest.mark.parametrize("bad,match", [
+    (7, r"Row 17 of the training dataset has soft_prompt_ids=7, but the model carries 2 prompts "
+        r"\['sentiment', 'topics'\]: use 0 to 1"),
+    (-2, r"Row 17 of the training dataset has soft_prompt_ids=-2"),
+])
+def test_a_bad_prompt_id_in_the_dataset_is_named_before_the_first_step(tmp_path, tokenizer_dir, kind, bad, match):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = multitask_rows("seq_cls", n=24)
+    ids = list(data["soft_prompt_ids"])
+    ids[17] = bad
+    data = data.remove_columns("soft_prompt_ids").add_column("soft_prompt_ids", ids)
+    trainer = build(kind, tiny("bert", "seq_cls"), args(tmp_path), data, DataCollatorWithPadding(tokenizer))
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    assert trainer.state.global_step == 0

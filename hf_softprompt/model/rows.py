@@ -116,6 +116,12 @@ def choose_rows(names: Sequence[str], lengths: dict[str, int], active: str | Non
                 f"{soft_prompt_names!r}. For all rows alike use set_active_soft_prompt(model, name)."
             )
         _check_length(len(soft_prompt_names), batch_size, "soft_prompt_names")
+        odd = next(((i, n) for i, n in enumerate(soft_prompt_names) if n is not None and not isinstance(n, str)), None)
+        if odd is not None:
+            raise TypeError(
+                f"soft_prompt_names must hold one prompt name (a str) or None per row, got {odd[1]!r} in row "
+                f"{odd[0]}. A row takes one prompt; for ids use soft_prompt_ids=[...]."
+            )
         position = {name: i for i, name in enumerate(names)}
         unknown = sorted({str(n) for n in soft_prompt_names if n is not None and n not in position})
         if unknown:
@@ -125,6 +131,13 @@ def choose_rows(names: Sequence[str], lengths: dict[str, int], active: str | Non
             )
         ids = torch.tensor([NO_PROMPT if n is None else position[n] for n in soft_prompt_names], dtype=torch.long)
     elif soft_prompt_ids is not None:
+        if isinstance(soft_prompt_ids, str) or (isinstance(soft_prompt_ids, Sequence) and any(
+                isinstance(i, str) for i in soft_prompt_ids)):
+            raise TypeError(
+                f"soft_prompt_ids holds prompt names ({soft_prompt_ids!r}); ids are positions in "
+                f"soft_prompt_names(model) = {list(names)}. Pass the names as soft_prompt_names=[...] instead, "
+                "or map them to ids (e.g. dataset.map) before training."
+            )
         ids = torch.as_tensor(soft_prompt_ids)
         if ids.dim() == 2 and ids.shape[1] == 1:  # a column collated as (B, 1)
             ids = ids[:, 0]
@@ -136,10 +149,11 @@ def choose_rows(names: Sequence[str], lengths: dict[str, int], active: str | Non
         _check_length(ids.shape[0], batch_size, "soft_prompt_ids")
         ids = ids.to(torch.long)
         if ids.numel() and (int(ids.min()) < NO_PROMPT or int(ids.max()) >= len(names)):
-            bad = ids[(ids < NO_PROMPT) | (ids >= len(names))].tolist()
+            out_of_range = (ids < NO_PROMPT) | (ids >= len(names))
             raise ValueError(
-                f"soft_prompt_ids holds {bad}, but the model carries {len(names)} prompts {list(names)}: "
-                f"use 0 to {len(names) - 1} (their order in soft_prompt_names(model)), or -1 for none."
+                f"soft_prompt_ids holds {ids[out_of_range].tolist()} (in rows "
+                f"{out_of_range.nonzero().flatten().tolist()} of the batch), but the model carries {len(names)} "
+                f"prompts {list(names)}: {id_rule(len(names))}."
             )
     else:
         ids = torch.full((batch_size,), NO_PROMPT if active is None else names.index(active), dtype=torch.long)
@@ -151,6 +165,12 @@ def choose_rows(names: Sequence[str], lengths: dict[str, int], active: str | Non
     slots = tuple(names[i] for i in used)
     rows = RowPrompts(slots, tuple(lengths[n] for n in slots), index)
     return rows if device is None else rows.to(device)
+
+
+def id_rule(num_prompts: int) -> str:
+    """What a `soft_prompt_ids` entry may be, for a model carrying `num_prompts` prompts."""
+    return (f"use 0 to {num_prompts - 1} (their order in soft_prompt_names(model)), or -1 for none"
+            if num_prompts else "the model carries no prompt: use -1")
 
 
 def _check_length(got: int, batch_size: int, what: str) -> None:

@@ -24,6 +24,7 @@ from ..model.bank import DEFAULT_NAME
 from ..model.describe import describe_soft_prompt, format_nearest_tokens
 from ..model.injector import get_injector, require_bank, require_injector
 from .checkpoints import adopt_trainer_hooks
+from .columns import check_prompt_id_column
 from .health import PromptHealth
 
 PromptConfigs = SoftPromptConfig | Mapping[str, SoftPromptConfig]
@@ -134,6 +135,8 @@ class SoftPromptCallback(TrainerCallback):
                 "at the end of your model_init function."
             )
         injector.ensure_outermost()  # over a forward the trainer replaced since (TRL)
+        loader = kwargs.get("train_dataloader")
+        check_prompt_id_column(getattr(loader, "dataset", None), injector.bank.names())
         if state.is_world_process_zero:
             summary = describe_trainable(model)
             logger.info(summary)

@@ -179,3 +179,21 @@ def test_a_bad_prompt_id_in_the_dataset_is_named_before_the_first_step(tmp_path,
     with pytest.raises(ValueError, match=match):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize("kind", ["subclass", "callback"])
+def test_a_prompt_with_a_non_finite_gradient_stops_training_before_it_spreads(tmp_path, tokenizer_dir, kind):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny("bert", "seq_cls")
+    trainer = build(kind, model, args(tmp_path, max_steps=5, max_grad_norm=1.0), multitask_rows("seq_cls"),
+                    DataCollatorWithPadding(tokenizer))
+    with torch.no_grad():  # the topics prompt overflows: its rows' loss, and its gradient, are NaN
+        model.soft_prompts.prompts["topics"].embedding.weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.soft_prompts.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"Soft prompt\(s\) \['topics'\] got a NaN or infinite gradient "
+                                                 r"at step 1: .* Training stopped before the optimizer"):
+        trainer.train()
+    after = model.soft_prompts.state_dict()
+    for key, value in before.items():  # nothing applied: the sentiment prompt is not NaN-polluted either
+        assert torch.equal(after[key], value), key
+    assert all(bool(v.isfinite().all()) for k, v in after.items() if "topics" not in k)

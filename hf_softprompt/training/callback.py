@@ -25,6 +25,7 @@ from ..model.describe import describe_soft_prompt, format_nearest_tokens
 from ..model.injector import get_injector, require_bank, require_injector
 from .checkpoints import adopt_trainer_hooks
 from .columns import check_prompt_id_column
+from .guard import NonFiniteGradientGuard
 from .health import PromptHealth
 
 PromptConfigs = SoftPromptConfig | Mapping[str, SoftPromptConfig]
@@ -92,6 +93,7 @@ class SoftPromptCallback(TrainerCallback):
         self.config = check_prompt_configs(config)
         self.log_prompt_health = log_prompt_health
         self.health = PromptHealth()
+        self.guard = NonFiniteGradientGuard()  # stops training at a prompt's first non-finite gradient
         self.nearest_tokens: dict[str, str] = {}  # prompt name -> table, from the last evaluation
         # False in a SoftPromptTrainer, which puts the trainable-parameter count in its logs.
         self.prints_counts = True
@@ -146,14 +148,20 @@ class SoftPromptCallback(TrainerCallback):
                 print(summary)
         if self.log_prompt_health:
             self.health.start(injector.bank)
+        self.guard.start(injector.bank)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         model: nn.Module | None = None, **kwargs: Any,
     ) -> None:
+        self.guard.check(state.global_step + 1)  # before the optimizer applies a NaN
         # The last event with the step's gradients (already clipped: what the optimizer applies).
         if self.log_prompt_health and model is not None and (injector := get_injector(model)) is not None:
             self.health.record_gradients(injector.bank)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        self.guard.stop()
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

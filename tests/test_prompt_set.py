@@ -172,3 +172,100 @@ def test_one_request_sliced_from_a_batch_sends_only_its_own_rows():
     assert abs(len(sliced) - len(alone)) < 200  # the same payload, not the 64x larger storage
     decoded = torch.load(io.BytesIO(base64.b64decode(sliced)), weights_only=True)
     assert torch.equal(decoded, batch[3])
+
+
+# ------------------------------------------------------------------ the set on disk is one unit
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KILL_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+from models import make_model
+from hf_softprompt import SoftPromptConfig, add_soft_prompt, save_soft_prompt
+import hf_softprompt.files.commit as commit
+model = make_model("llama", "causal_lm")
+for name in ("x", "y", "z"):
+    add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=2), name=name)
+    with torch.no_grad():
+        model.soft_prompts[name].embedding.weight.fill_({value})
+calls = {{"n": 0}}
+real_replace, real_write = os.replace, commit._write_journal
+def dying_replace(src, dst):  # the process is killed after `after` renames of the commit
+    if src.endswith(".tmp") and "pending" not in src:
+        if calls["n"] == {after}:
+            os._exit(9)
+        calls["n"] += 1
+    return real_replace(src, dst)
+def dying_journal(root, journal):  # killed while the files are written, before the commit point
+    if {after} < 0:
+        os._exit(9)
+    return real_write(root, journal)
+os.replace, commit._write_journal = dying_replace, dying_journal
+save_soft_prompt(model, sys.argv[1])
+"""
+
+
+def values_of(directory):
+    model = load_soft_prompt(make_model("llama", "causal_lm"), directory)
+    return {name: float(model.soft_prompts[name]().mean()) for name in soft_prompt_names(model)}
+
+
+def save_all(directory, value):
+    model = make_model("llama", "causal_lm")
+    for name in ("x", "y", "z"):
+        add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=2), name=name)
+        with torch.no_grad():
+            model.soft_prompts[name].embedding.weight.fill_(value)
+    save_soft_prompt(model, directory)
+
+
+@pytest.mark.parametrize("after", [-1, 0, 1, 3, 6])
+def test_a_save_killed_at_any_point_leaves_the_old_or_the_new_set(tmp_path, after):
+    save_all(tmp_path, 1.0)
+    script = KILL_SCRIPT.format(here=HERE, value=2.0, after=after)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert result.returncode == 9, result.stderr[-2000:]
+    expected = 1.0 if after < 0 else 2.0  # before the commit point: the old set; after it: the new one
+    assert values_of(tmp_path) == {"x": expected, "y": expected, "z": expected}
+
+    def leftovers():
+        return [name for _, _, files in os.walk(tmp_path) for name in files
+                if name.endswith(".tmp") or "pending" in name]
+
+    if after >= 0:  # the reader finished the interrupted commit: nothing of it is left
+        assert leftovers() == []
+    save_all(tmp_path, 3.0)  # the next save clears what a kill before the commit point left
+    assert leftovers() == [] and values_of(tmp_path) == {"x": 3.0, "y": 3.0, "z": 3.0}
+
+
+def test_concurrent_writers_take_turns_and_readers_never_see_a_mix(tmp_path):
+    save_all(tmp_path, 0.0)
+    errors, seen = [], []
+
+    def writer(value):
+        try:
+            for _ in range(3):
+                save_all(tmp_path, value)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    def reader():
+        try:
+            for _ in range(6):
+                seen.append(values_of(tmp_path))
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(float(v),)) for v in range(1, 5)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert seen and all(len(set(values.values())) == 1 for values in seen), seen  # each read: one save's set
+    assert len(set(values_of(tmp_path).values())) == 1

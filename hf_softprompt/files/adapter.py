@@ -14,8 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -34,7 +33,6 @@ STATE_PREFIX = "hf_softprompt."
 HEAD_PREFIX = "base_model."
 METADATA_CONFIG_KEY = "hf_softprompt_config"
 METADATA_JSON_HASH_KEY = "hf_softprompt_adapter_config_sha256"
-_TMP_SUFFIX = ".tmp"
 
 
 def peft_config_dict(config: SoftPromptConfig, model: nn.Module, head_paths: list[str]) -> dict[str, Any]:
@@ -243,57 +241,6 @@ def head_tensors_by_path(tensors: dict[str, torch.Tensor], heads: Mapping[str, n
 
 
 # ------------------------------------------------------------------------ writing
-def write_atomically(writers: dict[str, Callable[[str], None]]) -> None:
-    """For each `{path: write}`, `write(tmp_path)` to a temporary file next to `path` and fsync it;
-    only when every file is complete, rename each over its path. A failure (or a crash) while
-    writing leaves the previous files as they were. Files get the mode `open()` gives (the umask's),
-    and temporary files a crash left behind by an earlier save are removed first."""
-    temporary: dict[str, str] = {}
-    try:
-        for path, write in writers.items():
-            directory = os.path.dirname(os.path.abspath(path))
-            _remove_stale_temporaries(directory, os.path.basename(path))
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask
-            temporary[path] = tmp
-            mode = os.stat(tmp).st_mode & 0o777
-            write(tmp)
-            os.chmod(tmp, mode)  # a writer may have replaced the file with one of its own (safetensors: 0600)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        for path, tmp in temporary.items():
-            os.replace(tmp, path)
-        for directory in {os.path.dirname(os.path.abspath(p)) for p in temporary}:
-            _fsync_directory(directory)
-    finally:
-        for tmp in temporary.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def _remove_stale_temporaries(directory: str, name: str) -> None:
-    prefix = f".{name}."
-    for entry in os.listdir(directory):
-        if entry.startswith(prefix) and entry.endswith(_TMP_SUFFIX):
-            try:
-                os.remove(os.path.join(directory, entry))
-            except FileNotFoundError:
-                pass
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)

@@ -22,6 +22,7 @@ Interop with PEFT (`PeftModel.save_pretrained` / `PeftModel.from_pretrained`), b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -44,6 +45,7 @@ from .adapter import (
     prompt_state_dict,
     read_adapter_files,
 )
+from .commit import reading
 from .prompt_set import prompt_folder, saved_prompt_names
 from .sources import AdapterSource, choose_prompts, same_base_name
 
@@ -109,21 +111,22 @@ def load_soft_prompt(
         raise ValueError(f"subfolder must be a relative path inside the repo or directory, got {subfolder!r}.")
     fetch = AdapterSource(source, revision=revision, token=token, cache_dir=cache_dir, force_download=force_download,
                     local_files_only=local_files_only)
-    wanted = choose_prompts(fetch, name, subfolder)
-    injector = get_injector(model)
-    taken = set(injector.bank.names()) if injector is not None else set()
-    clash = sorted(taken & {attach_as for attach_as, _ in wanted})
-    if clash:
-        raise ValueError(f"{type(model).__name__} already carries a soft prompt named {clash[0]!r}. Pass "
-                         "name='...' to load it under another name, or remove_soft_prompt(model, "
-                         f"{clash[0]!r}) first.")
     prepared = []
-    for attach_as, folder in wanted:  # read and check everything before the model is touched
-        where = source if not folder else f"{source}/{folder}"
-        config, tensors, peft_json = read_adapter_files(*fetch.adapter(folder))
-        heads = check_adapter_fits(model, config, tensors, peft_json, where=where,
-                                   check_base_model=check_base_model)
-        prepared.append((attach_as, config, tensors, heads, where))
+    with reading(source) if fetch.local else contextlib.nullcontext():  # one save's set, never a mix
+        wanted = choose_prompts(fetch, name, subfolder)
+        injector = get_injector(model)
+        taken = set(injector.bank.names()) if injector is not None else set()
+        clash = sorted(taken & {attach_as for attach_as, _ in wanted})
+        if clash:
+            raise ValueError(f"{type(model).__name__} already carries a soft prompt named {clash[0]!r}. Pass "
+                             "name='...' to load it under another name, or remove_soft_prompt(model, "
+                             f"{clash[0]!r}) first.")
+        for attach_as, folder in wanted:  # read and check everything before the model is touched
+            where = source if not folder else f"{source}/{folder}"
+            config, tensors, peft_json = read_adapter_files(*fetch.adapter(folder))
+            heads = check_adapter_fits(model, config, tensors, peft_json, where=where,
+                                       check_base_model=check_base_model)
+            prepared.append((attach_as, config, tensors, heads, where))
     loaded: list[str] = []
     had_prompts = bool(taken)
     try:
@@ -193,17 +196,18 @@ def load_soft_prompt_weights(model: nn.Module, directory: str | os.PathLike) -> 
     prompt of the model from its folder of `directory`. The saved set must be the model's."""
     bank = require_bank(model)
     directory = os.fspath(directory)
-    names, active = saved_prompt_names(directory)
-    if names != bank.names():
-        raise ValueError(f"{directory!r} holds the prompts {names}, but the model carries {bank.names()}; "
-                         "resume needs the same prompts, in the same order.")
-    loaded = []
-    for name in names:
-        where = os.path.join(directory, prompt_folder(name))
-        config, tensors, _ = read_adapter_files(*local_adapter_files(where))
-        _check_compatible(bank.configs[name], config, where)
-        heads = head_tensors_by_path(tensors, bank.head_modules(name), where)
-        loaded.append((name, prompt_state_dict(config, tensors), heads))
+    with reading(directory):  # the set as one save wrote it, never half of a later one
+        names, active = saved_prompt_names(directory)
+        if names != bank.names():
+            raise ValueError(f"{directory!r} holds the prompts {names}, but the model carries {bank.names()}; "
+                             "resume needs the same prompts, in the same order.")
+        loaded = []
+        for name in names:
+            where = os.path.join(directory, prompt_folder(name))
+            config, tensors, _ = read_adapter_files(*local_adapter_files(where))
+            _check_compatible(bank.configs[name], config, where)
+            heads = head_tensors_by_path(tensors, bank.head_modules(name), where)
+            loaded.append((name, prompt_state_dict(config, tensors), heads))
     for name, state, heads in loaded:  # every folder checked before any weight changes
         load_whole_state_dict(bank[name], state)
         for path, head_state in heads.items():

@@ -33,9 +33,9 @@ from .adapter import (
     STATE_PREFIX,
     config_json,
     weights_metadata,
-    write_atomically,
     write_text,
 )
+from .commit import commit_files
 from .hub import push_files
 from .model_card import MODEL_CARD_NAME, build_model_card, build_prompt_set_card, is_our_card
 from .prompt_set import INDEX_NAME, layout_files, prompt_folder
@@ -150,9 +150,8 @@ def save_soft_prompt(
         index = json.dumps({"prompts": bank.names(), "active": bank.active,
                             "hf_softprompt_version": _version()}, indent=2) + "\n"
         writers[index_path] = lambda tmp: write_text(tmp, index)
-    write_atomically(writers)
-    if index_path not in writers and os.path.isfile(index_path):
-        os.remove(index_path)  # an earlier save's list of prompts no longer holds
+    # An earlier save's list of prompts no longer holds for a lone "default" prompt: removed in the commit.
+    commit_files(root, writers, remove=() if index_path in writers else (index_path,))
     written = list(writers)
     if tokenizer is not None:
         written += [os.fspath(f) for f in tokenizer.save_pretrained(root)]

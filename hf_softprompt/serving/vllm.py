@@ -10,6 +10,7 @@ base model serves every task's prompt, mixed in one continuous batch. vLLM is ne
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ import torch
 
 from ..config import Placement, SoftPromptConfig, TaskType, config_enum
 from ..files.adapter import PROMPT_KEY, read_adapter_files
+from ..files.commit import reading
 from ..files.sources import AdapterSource, choose_prompts, same_base_name
 from ..model.tasks import max_positions
 from .base_model import CONFIG_FILE, base_file, config_dtype, read_embedding_table, read_json, text_config
@@ -237,11 +239,12 @@ def _read_prompts(where: str, name: str | None, hub: dict[str, Any]) -> dict[str
     fetch = AdapterSource(where, revision=hub["revision"], token=hub["token"], cache_dir=hub["cache_dir"],
                     force_download=False, local_files_only=hub["local_files_only"])
     out = {}
-    for served_name, folder in choose_prompts(fetch, name, None):
-        config, tensors, _ = read_adapter_files(*fetch.adapter(folder))
-        # P-tuning adapters store the encoder's output: the rows are the prompt as it is served.
-        rows = tensors[PROMPT_KEY][: config.num_virtual_tokens]
-        out[served_name] = _SavedPrompt(rows, config, f"{where}/{folder}" if folder else where)
+    with reading(where) if fetch.local else contextlib.nullcontext():  # one save's set, never a mix
+        for served_name, folder in choose_prompts(fetch, name, None):
+            config, tensors, _ = read_adapter_files(*fetch.adapter(folder))
+            # P-tuning adapters store the encoder's output: the rows are the prompt as it is served.
+            rows = tensors[PROMPT_KEY][: config.num_virtual_tokens]
+            out[served_name] = _SavedPrompt(rows, config, f"{where}/{folder}" if folder else where)
     return out
 
 

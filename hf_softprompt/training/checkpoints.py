@@ -28,6 +28,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..files.adapter import local_adapter_files, read_adapter_files
+from ..files.commit import reading
 from ..files.load import load_soft_prompt_weights
 from ..files.prompt_set import has_saved_prompts, prompt_folder, saved_prompt_names
 from ..model.injector import get_injector
@@ -98,9 +99,10 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
         try:
             with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
                 json.load(f)
-            names, _ = saved_prompt_names(path)
-            for prompt in names:
-                read_adapter_files(*local_adapter_files(os.path.join(path, prompt_folder(prompt))))
+            with reading(path):
+                names, _ = saved_prompt_names(path)
+                for prompt in names:
+                    read_adapter_files(*local_adapter_files(os.path.join(path, prompt_folder(prompt))))
         except (OSError, ValueError) as err:
             skipped.append(f"{name} ({type(err).__name__}: {err})")
             continue

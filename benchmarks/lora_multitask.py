@@ -43,7 +43,9 @@ from run_multitask import (  # noqa: E402
     load_task_splits,
     training_rows,
 )
-from utils import drop_nominal_gguf_quantizer, generate_answers, smollm2_gguf  # noqa: E402
+from utils import generate_answers, smollm2_gguf  # noqa: E402
+
+from hf_softprompt.model.quantization import drop_nominal_gguf_quantizer  # noqa: E402
 
 
 def run(seed: int, rank: int, learning_rate: float, epochs: float) -> tuple[dict[str, float], float]:
@@ -55,7 +57,8 @@ def run(seed: int, rank: int, learning_rate: float, epochs: float) -> tuple[dict
     splits = {task.name: load_task_splits(task, task_args) for task in tasks}
     path, gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-    model = drop_nominal_gguf_quantizer(AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf))
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf)
+    drop_nominal_gguf_quantizer(model)  # dequantized on load: LoRA's Trainer would refuse it
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",

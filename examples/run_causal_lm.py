@@ -35,7 +35,6 @@ from utils import (
     DataArguments,
     GenerationArguments,
     ModelArguments,
-    drop_nominal_gguf_quantizer,
     encode_with_answers,
     format_inputs,
     load_kwargs,
@@ -94,7 +93,6 @@ def main() -> None:
         make_tiny_model("llama", texts, model_args.model_name_or_path, seed=training_args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
-    drop_nominal_gguf_quantizer(model)  # GGUF weights arrive dequantized to float32
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 

@@ -61,7 +61,6 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from utils import (
     DATA_DIR,
     ModelArguments,
-    drop_nominal_gguf_quantizer,
     encode_with_answers,
     generate_answers,
     load_kwargs,
@@ -252,7 +251,6 @@ def main() -> None:
         make_tiny_model("llama", texts, model_args.model_name_or_path, seed=training_args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
-    drop_nominal_gguf_quantizer(model)  # GGUF weights arrive dequantized to float32
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     base_for_single_tasks = copy.deepcopy(model) if task_args.compare_single_task else None

@@ -165,25 +165,6 @@ def load_kwargs(model_args: ModelArguments) -> dict[str, Any]:
     return {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
 
 
-def drop_nominal_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
-    """Let the Trainer train a prompt on a GGUF checkpoint that was loaded dequantized.
-
-    Without a GGUF matmul kernel, transformers dequantizes every GGUF tensor to a plain float
-    `nn.Parameter` but still attaches its `GgufHfQuantizer`, and `Trainer.__init__` then refuses the
-    model ("You cannot perform fine-tuning on purely quantized models"). Nothing is quantized any
-    more, so the quantizer is removed the way transformers removes it for `dequantize=True`. A model
-    still holding GGUF blocks is left alone.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
-        return model
-    dequantized = not getattr(quantizer, "supported", True) or quantizer.quantization_config.dequantize
-    plain = all(type(p) is torch.nn.Parameter and p.is_floating_point() for p in model.parameters())
-    if dequantized and plain:
-        quantizer.remove_quantization_config(model)  # what transformers does for `dequantize=True`
-    return model
-
-
 # --------------------------------------------------------------------------------- data
 def load_raw_datasets(data_args: DataArguments, default_data: str, seed: int) -> datasets.DatasetDict:
     """`train` and `validation` splits from the Hub, from local files, or from `examples/data/<default>`.

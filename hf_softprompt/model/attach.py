@@ -23,6 +23,7 @@ from ..prompt import SoftPrompt
 from .bank import BANK_MODULE_NAME, DEFAULT_NAME, SoftPromptBank, check_prompt_name
 from .heads import copy_module, install_routing, uninstall_routing
 from .injector import SoftPromptInjector, get_injector, install_injector, require_bank, uninstall_injector
+from .quantization import drop_nominal_gguf_quantizer
 from .tasks import TASK_SPECS, known_task_type, max_positions
 
 # Settings of the injection itself: every prompt on one model must agree on them.
@@ -91,6 +92,8 @@ def attach_soft_prompt(
             install_routing(model, path, injector.bank)
         for param in injector.bank.trainable_parameters(name):
             param.requires_grad_(trainable)
+        if first:
+            drop_nominal_gguf_quantizer(model)  # a GGUF base dequantized on load trains like any other
     except BaseException:
         if first and get_injector(model) is not None:
             uninstall_injector(model)

@@ -16,6 +16,7 @@ from ..files.model_card import MODEL_CARD_NAME, build_model_card, build_prompt_s
 from ..files.save import push_adapter_folder
 from ..model.bank import DEFAULT_NAME
 from ..model.injector import get_injector, require_bank
+from ..model.quantization import drop_nominal_gguf_quantizer
 from .callback import PromptConfigs, SoftPromptCallback, put_first, trainable_counts
 from .checkpoints import get_num_items_in_batch, last_complete_checkpoint, load_best_model, load_from_checkpoint
 from .reference import with_base_model_reference
@@ -77,6 +78,9 @@ class SoftPromptMixin(_TrainerBase):
         else:
             callback = SoftPromptCallback(soft_prompt_config)
             callbacks.append(callback)
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, nn.Module):  # before Trainer.__init__ refuses a nominally quantized model
+            drop_nominal_gguf_quantizer(model)
         args, kwargs = with_base_model_reference(super().__init__, args, kwargs)
         super().__init__(*args, **{**kwargs, "callbacks": callbacks})
         put_first(callback, self.callback_handler)  # its prompt-health figures reach the report_to loggers

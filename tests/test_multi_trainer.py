@@ -197,3 +197,24 @@ def test_a_prompt_with_a_non_finite_gradient_stops_training_before_it_spreads(tm
     for key, value in before.items():  # nothing applied: the sentiment prompt is not NaN-polluted either
         assert torch.equal(after[key], value), key
     assert all(bool(v.isfinite().all()) for k, v in after.items() if "topics" not in k)
+
+
+def test_per_prompt_metric_keys_never_overwrite_each_other():
+    from transformers import EvalPrediction
+
+    def accuracy(p):
+        return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}
+
+    with pytest.raises(ValueError, match=r"A prompt is named 'none', the label of rows without a prompt"):
+        PerPromptMetrics(accuracy, ["none", "b"])
+    predictions = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+    labels, ids = np.array([0, 1, 1]), np.array([0, -1, 1])
+    metrics = PerPromptMetrics(accuracy, ["none", "b"], no_prompt_label="no_prompt")(
+        EvalPrediction(predictions=predictions, label_ids=(labels, ids)))
+    assert metrics == {"accuracy": 2 / 3, "none_accuracy": 1.0, "no_prompt_accuracy": 1.0, "b_accuracy": 0.0}
+
+    def two(p):
+        return {"x": 1.0, "b_x": 2.0}  # prompt "a" + "b_x" and prompt "a_b" + "x" both give "a_b_x"
+
+    with pytest.raises(ValueError, match=r"The metrics of prompt 'a_b' would overwrite \['a_b_x'\]"):
+        PerPromptMetrics(two, ["a", "a_b"])(EvalPrediction(predictions=predictions, label_ids=(labels, ids)))

@@ -62,3 +62,17 @@ def test_a_model_still_holding_quantized_weights_keeps_its_quantizer():
     model.hf_quantizer.supported = True  # a kernel runs the GGUF blocks: they are really quantized
     add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=2))
     assert model.is_quantized and model.hf_quantizer is not None
+
+
+def test_a_base_quantized_with_torch_ao_dynamic_int8_is_refused_at_the_first_step(tmp_path):
+    """quantize_dynamic's int8 Linear layers pass no gradient back to the input embeddings: the
+    prompt would never move. Refused before the first optimizer step, naming the prompt."""
+    model = make_model("llama", "causal_lm")
+    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    trainer = SoftPromptTrainer(model=model, args=args(tmp_path), train_dataset=data(),
+                                soft_prompt_config=SoftPromptConfig(num_virtual_tokens=2))
+    before = model.soft_prompts["default"]().detach().clone()
+    with pytest.raises(ValueError, match=r"Soft prompt\(s\) \['default'\] ran in the batches of step 1 but got no "
+                                         r"gradient: .* torch\.ao dynamic int8"):
+        trainer.train()
+    assert torch.equal(model.soft_prompts["default"]().detach(), before)

@@ -25,7 +25,7 @@ from ..model.describe import describe_soft_prompt, format_nearest_tokens
 from ..model.injector import get_injector, require_bank, require_injector
 from .checkpoints import adopt_trainer_hooks
 from .columns import check_prompt_id_column
-from .guard import NonFiniteGradientGuard
+from .guard import PromptGradientGuard
 from .health import PromptHealth
 
 PromptConfigs = SoftPromptConfig | Mapping[str, SoftPromptConfig]
@@ -93,7 +93,7 @@ class SoftPromptCallback(TrainerCallback):
         self.config = check_prompt_configs(config)
         self.log_prompt_health = log_prompt_health
         self.health = PromptHealth()
-        self.guard = NonFiniteGradientGuard()  # stops training at a prompt's first non-finite gradient
+        self.guard = PromptGradientGuard()  # stops training at a prompt with no or a non-finite gradient
         self.nearest_tokens: dict[str, str] = {}  # prompt name -> table, from the last evaluation
         # False in a SoftPromptTrainer, which puts the trainable-parameter count in its logs.
         self.prints_counts = True

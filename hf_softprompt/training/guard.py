@@ -1,4 +1,11 @@
-"""Stopping training at the first non-finite gradient of a prompt, naming the prompt.
+"""Stopping training when a prompt's gradient is not what training needs, naming the prompt.
+
+Two checks, each before the optimizer applies anything:
+- No gradient at all: at the first optimizer step, a prompt whose rows were in the step's batches
+  but whose parameters got no gradient means the base model does not pass gradients back to its
+  input embeddings (e.g. torch.ao dynamic int8 quantization): training would never move it. A
+  gradient of exactly zero (possible when every label of its rows is masked) is warned about once.
+- Not finite: see below.
 
 A prompt whose rows produce NaN or inf (a diverged prompt, an overflow in fp16) would otherwise
 spread: the Trainer's global gradient clipping scales every gradient by the NaN total norm, so
@@ -11,27 +18,42 @@ prompts still holding their values of the previous step.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import torch
 
 from ..model.bank import SoftPromptBank
 
+logger = logging.getLogger(__name__)
 
-class NonFiniteGradientGuard:
-    """Per-prompt flags set by gradient hooks; `check(step)` raises on a non-finite one."""
+
+class PromptGradientGuard:
+    """Per-prompt flags set by gradient hooks; `check(step)` raises on a missing or non-finite gradient."""
 
     def __init__(self) -> None:
         self._flags: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
+        self._usage_handles: list[Any] = []
+        self._used: set[str] = set()  # prompts run with gradients on since training began
+        self._params: dict[str, list[torch.nn.Parameter]] = {}
 
     def start(self, bank: SoftPromptBank) -> None:
-        """Hook every trainable parameter of every prompt (its encoder and task heads included)."""
+        """Hook every trainable parameter of every prompt (its encoder and task heads included), and
+        note which prompts run until the first optimizer step."""
         self.stop()
         for name in bank.names():
-            for param in bank.trainable_parameters(name):
-                if param.requires_grad:
-                    self._handles.append(param.register_post_accumulate_grad_hook(self._hook(name)))
+            self._params[name] = [p for p in bank.trainable_parameters(name) if p.requires_grad]
+            for param in self._params[name]:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._hook(name)))
+            self._usage_handles.append(bank[name].register_forward_hook(self._usage(name)))
+
+    def _usage(self, name: str) -> Any:
+        def note(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if torch.is_grad_enabled():
+                self._used.add(name)
+        return note
 
     def _hook(self, name: str) -> Any:
         def note(param: torch.Tensor) -> None:
@@ -44,7 +66,10 @@ class NonFiniteGradientGuard:
         return note
 
     def check(self, step: int) -> None:
-        """Raise if a prompt's gradient was NaN or inf since the last check; every rank agrees."""
+        """Raise if a prompt's gradient was NaN or inf since the last check (every rank agrees), or,
+        at the first check, if a prompt that ran got no gradient at all."""
+        if self._usage_handles:
+            self._check_first_step(step)
         if not self._flags:
             return
         names = list(self._flags)
@@ -64,8 +89,34 @@ class NonFiniteGradientGuard:
                 "the last checkpoint."
             )
 
+    def _check_first_step(self, step: int) -> None:
+        for handle in self._usage_handles:
+            handle.remove()
+        self._usage_handles.clear()
+        used = [name for name in self._params if name in self._used and self._params[name]]
+        grads = {name: [p.grad for p in self._params[name]] for name in used}
+        none = [name for name, gs in grads.items() if all(g is None for g in gs)]
+        if none:
+            self.stop()
+            raise ValueError(
+                f"Soft prompt(s) {none} ran in the batches of step {step} but got no gradient: the base model "
+                "does not pass gradients back to its input embeddings, so training would never move them. "
+                "A base quantized with torch.ao dynamic int8 (quantize_dynamic) does this: train on the float "
+                "model (or one dequantized on load, such as a GGUF checkpoint) and quantize for serving. Also "
+                "check that nothing detaches inputs_embeds (a custom forward, torch.no_grad around the loss)."
+            )
+        zero = [name for name, gs in grads.items()
+                if all(g is None or not bool(g.to_local().any() if hasattr(g, "to_local") else g.any()) for g in gs)]
+        if zero:
+            message = (f"Soft prompt(s) {zero} ran in the batches of step {step} but got an all-zero gradient: "
+                       "their rows may have no target token (every label -100), or the loss ignores them.")
+            logger.warning(message)
+            warnings.warn(message, stacklevel=2)
+
     def stop(self) -> None:
-        for handle in self._handles:
+        for handle in [*self._handles, *self._usage_handles]:
             handle.remove()
         self._handles.clear()
+        self._usage_handles.clear()
         self._flags.clear()
+        self._used.clear()

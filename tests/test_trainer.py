@@ -33,8 +33,9 @@ from hf_softprompt import (
 from hf_softprompt.files.load import read_adapter
 from hf_softprompt.files.save import adapter_state_dict
 from hf_softprompt.model.injector import get_injector
-from hf_softprompt.training.callback import calling_trainer, prepare_model
+from hf_softprompt.training.callback import calling_trainer
 from hf_softprompt.training.checkpoints import load_from_checkpoint
+from hf_softprompt.training.setup import prepare_model
 
 P = 4
 PROMPT = SoftPromptConfig(num_virtual_tokens=P)

@@ -120,3 +120,38 @@ def test_the_callback_with_sft_trainer_trains_the_prompt(tmp_path, tokenizer_dir
     trainer.train()
     assert not torch.equal(before, get_injector(model).bank["default"]().detach())
     assert all(entry["soft_prompt/default/grad_norm"] > 0 for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_several_prompts_through_sft_refuse_a_collator_that_drops_the_column(tmp_path, tokenizer_dir):
+    """TRL's collator drops soft_prompt_ids: rows would silently train the active prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = make_model("llama", "causal_lm", initializer_range=0.2)
+    data = dataset("text").add_column("soft_prompt_ids", [i % 2 for i in range(8)])
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4,
+                         report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=32)
+    configs = {"a": SoftPromptConfig(num_virtual_tokens=2), "b": SoftPromptConfig(num_virtual_tokens=3)}
+    trainer = SoftPromptSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                   soft_prompt_config=configs)
+    before = {k: v.clone() for k, v in model.soft_prompts.state_dict().items()}
+    with pytest.raises(ValueError, match=r"has a 'soft_prompt_ids' column, but this training batch has none: .* "
+                                         r"every row would train the active prompt\. TRL's SFTTrainer collator"):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in model.soft_prompts.state_dict().items())
+    model.eval()  # outside training the active prompt serves calls that choose none, as always
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_a_column_of_prompt_names_that_the_default_collator_drops_is_refused(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_softprompt import SoftPromptCallback as Callback
+
+    ids = torch.randint(3, 90, (4, 5)).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids, "soft_prompt_names": ["a", "b", "a", "b"]})
+    model = make_model("llama", "causal_lm")
+    configs = {"a": SoftPromptConfig(num_virtual_tokens=2), "b": SoftPromptConfig(num_virtual_tokens=3)}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True,
+                             per_device_train_batch_size=4)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Callback(configs)])
+    with pytest.raises(ValueError, match=r"has a 'soft_prompt_names' column, but this training batch has none"):
+        trainer.train()

@@ -85,6 +85,9 @@ class SoftPromptInjector:
             pools_last_token=decoder_only and config.task_type is TaskType.SEQ_CLS, config=model.config)
         self.frozen_flags: dict[str, bool] = {}  # requires_grad of base parameters before the first prompt
         self.client_advice: dict[str, str] = {}
+        # The prompt-choice column of the data being trained on (set by the training layer): training
+        # calls must then carry it.
+        self.training_column: str | None = None
         self.shared = SharedPromptCache(model, self.spec, setting=config.shared_prompt_cache,
                                         front=self.insert_at == 0)
         self._patched: list[tuple[nn.Module, str, Any]] = []  # (module, attribute, what it replaced)
@@ -114,6 +117,14 @@ class SoftPromptInjector:
         names, ids = (kwargs.pop(key, None) for key in CHOICE_ARGUMENTS)
         if names is None and ids is None and (outer := current_rows()) is not None:
             return outer.for_batch(batch).to(device)
+        if names is None and ids is None and self.training_column and self.model.training:
+            # Rows whose data chose a prompt must never silently train the active one instead.
+            advice = self.client_advice.get("dropped", "")
+            raise ValueError(
+                f"The training data has a {self.training_column!r} column, but this training batch has none: "
+                "something between the dataset and the model dropped it (a data collator that keeps only "
+                f"the columns it knows), so every row would train the active prompt.{advice}"
+            )
         rows = choose_rows(self.bank.names(), self.bank.lengths(), self.bank.active, batch,
                            names, ids, device=device)
         if (self.layout is Layout.FRONT and not rows.uniform and rows.width

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -18,25 +17,13 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import CallbackHandler
 
 from ..accessors import input_embeddings
-from ..config import SoftPromptConfig
-from ..model.attach import add_soft_prompt, remove_soft_prompt
-from ..model.bank import DEFAULT_NAME
 from ..model.describe import describe_soft_prompt, format_nearest_tokens
-from ..model.injector import get_injector, require_bank, require_injector
+from ..model.injector import get_injector
 from .checkpoints import adopt_trainer_hooks
-from .columns import check_prompt_id_column
+from .columns import check_prompt_id_column, choice_column
 from .guard import PromptGradientGuard
 from .health import PromptHealth
-
-PromptConfigs = SoftPromptConfig | Mapping[str, SoftPromptConfig]
-
-# What the core's input errors add for the clients that train through a Trainer: the knob that
-# makes their inputs fit (`{fits}`: the most input tokens that do), and how TRL turns packing off.
-CLIENT_ADVICE = {
-    "too_long": (" In transformers' run_glue.py, run_ner.py or run_qa.py --max_seq_length {fits}; with texts "
-                 "grouped into blocks as in run_clm.py, --block_size {fits}; with TRL, SFTConfig(max_length={fits})."),
-    "packed": " With TRL: SFTConfig(packing=False, padding_free=False).",
-}
+from .setup import PromptConfigs, check_prompt_configs, describe_trainable, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +84,7 @@ class SoftPromptCallback(TrainerCallback):
         self.nearest_tokens: dict[str, str] = {}  # prompt name -> table, from the last evaluation
         # False in a SoftPromptTrainer, which puts the trainable-parameter count in its logs.
         self.prints_counts = True
+        self.training_column: str | None = None  # the training data's prompt-choice column, if any
 
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -104,6 +92,9 @@ class SoftPromptCallback(TrainerCallback):
     ) -> None:
         # Now, not at on_train_begin: by then `train()` has built the optimizer without the prompt.
         trainer = calling_trainer(self)
+        # The column choosing each row's prompt, as the trainer holds the data now (TRL's processed
+        # dataset still has it; the dataloader may drop it later, which training calls then refuse).
+        self.training_column = choice_column(getattr(trainer, "train_dataset", None))
         soft_prompt_trainer = getattr(trainer, "handles_soft_prompt_checkpoints", False)
         self.prints_counts = not soft_prompt_trainer
         if trainer is not None and not soft_prompt_trainer:
@@ -137,8 +128,9 @@ class SoftPromptCallback(TrainerCallback):
                 "at the end of your model_init function."
             )
         injector.ensure_outermost()  # over a forward the trainer replaced since (TRL)
-        loader = kwargs.get("train_dataloader")
-        check_prompt_id_column(getattr(loader, "dataset", None), injector.bank.names())
+        dataset = getattr(kwargs.get("train_dataloader"), "dataset", None)
+        check_prompt_id_column(dataset, injector.bank.names())
+        injector.training_column = choice_column(dataset) or self.training_column
         if state.is_world_process_zero:
             summary = describe_trainable(model)
             logger.info(summary)
@@ -160,8 +152,10 @@ class SoftPromptCallback(TrainerCallback):
             self.health.record_gradients(injector.bank)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+                     model: nn.Module | None = None, **kwargs: Any) -> None:
         self.guard.stop()
+        if model is not None and (injector := get_injector(model)) is not None:
+            injector.training_column = None
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -222,81 +216,3 @@ def put_first(callback: TrainerCallback, handler: CallbackHandler | None) -> Non
     if handler is not None and callback in handler.callbacks:
         handler.callbacks.remove(callback)
         handler.callbacks.insert(0, callback)
-
-
-def check_prompt_configs(config: PromptConfigs | None) -> dict[str, SoftPromptConfig] | None:
-    """`{name: config}` from a config, a mapping of them, or None (the model's own prompts)."""
-    if config is None:
-        return None
-    if isinstance(config, SoftPromptConfig):
-        return {DEFAULT_NAME: config}
-    if isinstance(config, Mapping) and config and all(
-            isinstance(k, str) and isinstance(v, SoftPromptConfig) for k, v in config.items()):
-        return dict(config)
-    raise TypeError(
-        f"Expected a SoftPromptConfig, a non-empty dict of them by prompt name, or None; got {config!r}. "
-        "Build one with SoftPromptConfig(num_virtual_tokens=...)."
-    )
-
-
-def prepare_model(model: nn.Module | None, config: PromptConfigs | None) -> nn.Module:
-    """Put prompts on `model` (unless it carries some) and make `save_pretrained` write the adapters.
-
-    The single setup step of both `SoftPromptCallback` and `SoftPromptTrainer`.
-    """
-    if model is None:
-        raise ValueError(
-            "SoftPromptCallback got no model from the Trainer. Pass model=... to the Trainer "
-            "(with model_init, call add_soft_prompt inside model_init)."
-        )
-    injector = get_injector(model)
-    configs = check_prompt_configs(config)
-    if injector is None:
-        added = []
-        try:
-            for name, each in (configs or {DEFAULT_NAME: SoftPromptConfig()}).items():
-                add_soft_prompt(model, each, name=name)
-                added.append(name)
-        except BaseException:
-            for name in reversed(added):
-                remove_soft_prompt(model, name)
-            raise
-    elif configs is not None:
-        raise ValueError(
-            f"The {type(model).__name__} already carries soft prompts {injector.bank.names()}, and "
-            "SoftPromptConfigs were given too. Pass no config to train the existing prompts, or call "
-            "remove_soft_prompt(model) first to train new ones."
-        )
-    elif not any(p.requires_grad for p in model.parameters()):
-        logger.warning(
-            "The model's soft prompt has no trainable parameters (an adapter loaded for inference): "
-            "evaluate() and predict() work, train() will fail. Load it with is_trainable=True to "
-            "continue training."
-        )
-    require_injector(model).client_advice.update(CLIENT_ADVICE)
-    return model
-
-
-def trainable_counts(model: nn.Module) -> dict[str, float]:
-    """Virtual tokens (all prompts), trainable parameters and their share of all parameters, for the logs."""
-    bank = require_bank(model)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    counts = {
-        "soft_prompt_virtual_tokens": sum(bank.lengths().values()),
-        "trainable_params": trainable,
-        "trainable_percent": 100.0 * trainable / max(total, 1),
-    }
-    if len(bank) > 1:
-        counts["soft_prompts"] = len(bank)
-    return counts
-
-
-def describe_trainable(model: nn.Module) -> str:
-    """E.g. "soft prompt: 20 virtual tokens, 15,360 trainable parameters (0.0123 %)", or for several
-    "3 soft prompts (a: 8, b: 16, c: 4 virtual tokens), ..."."""
-    counts = trainable_counts(model)
-    lengths = require_bank(model).lengths()
-    prompts = (f"soft prompt: {counts['soft_prompt_virtual_tokens']} virtual tokens" if len(lengths) == 1 else
-               f"{len(lengths)} soft prompts ({', '.join(f'{n}: {p}' for n, p in lengths.items())} virtual tokens)")
-    return f"{prompts}, {counts['trainable_params']:,} trainable parameters ({counts['trainable_percent']:.3g} %)"

@@ -1,4 +1,4 @@
-"""The dataset column that chooses each row's prompt, checked once before the first step.
+"""The dataset column that chooses each row's prompt: found, and checked once before the first step.
 
 A bad entry in a `soft_prompt_ids` column would otherwise surface at the step whose batch holds it,
 as an error about a batch row; checked up front, the error names the dataset row.
@@ -9,8 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..model.rows import NO_PROMPT, id_rule
+from ..model.wrappers import CHOICE_ARGUMENTS
 
 ID_COLUMN = "soft_prompt_ids"
+
+
+def choice_column(dataset: Any) -> str | None:
+    """The column of `dataset` that chooses each row's prompt (`soft_prompt_ids` or
+    `soft_prompt_names`), or None."""
+    columns = getattr(dataset, "column_names", None) or ()
+    return next((c for c in CHOICE_ARGUMENTS if c in columns), None)
 
 
 def check_prompt_id_column(dataset: Any, names: list[str], what: str = "training dataset") -> None:

@@ -17,9 +17,10 @@ from ..files.save import push_adapter_folder
 from ..model.bank import DEFAULT_NAME
 from ..model.injector import get_injector, require_bank
 from ..model.quantization import drop_nominal_gguf_quantizer
-from .callback import PromptConfigs, SoftPromptCallback, put_first, trainable_counts
+from .callback import SoftPromptCallback, put_first
 from .checkpoints import get_num_items_in_batch, last_complete_checkpoint, load_best_model, load_from_checkpoint
 from .reference import with_base_model_reference
+from .setup import PromptConfigs, trainable_counts
 
 logger = logging.getLogger(__name__)
 

@@ -490,7 +490,8 @@ def test_trainable_count_is_logged_once_at_the_start(tmp_path, path, caplog, cap
 def test_errors_name_the_problem_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="SoftPromptCallback got no model from the Trainer"):
         prepare_model(None, None)
-    with pytest.raises(TypeError, match=r"Expected a SoftPromptConfig, a non-empty dict of them by prompt "
+    with pytest.raises(TypeError, match=r"Expected a SoftPromptConfig \(or PEFT's PromptTuningConfig / "
+                                        r"PromptEncoderConfig\), a non-empty dict of them by prompt "
                                         r"name, or None; got \{'num_virtual_tokens': 8\}"):
         SoftPromptCallback({"num_virtual_tokens": 8})
     prompted = add_soft_prompt(tiny("llama", "causal_lm"), SoftPromptConfig(num_virtual_tokens=3))

@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..accessors import encoder_of, input_embeddings, weight_of
 from ..config import Placement, SoftPromptConfig, TaskType, config_enum
+from ..peft_config import from_peft_config, is_peft_prompt_config
 from ..prompt import SoftPrompt
 from .bank import BANK_MODULE_NAME, DEFAULT_NAME, SoftPromptBank, check_prompt_name
 from .heads import copy_module, install_routing, uninstall_routing
@@ -30,7 +32,7 @@ from .tasks import TASK_SPECS, known_task_type, max_positions
 MODEL_LEVEL_FIELDS = ("task_type", "placement", "shared_prompt_cache")
 
 
-def add_soft_prompt(model: nn.Module, config: SoftPromptConfig | None = None, name: str = DEFAULT_NAME) -> nn.Module:
+def add_soft_prompt(model: nn.Module, config: SoftPromptConfig | Any = None, name: str = DEFAULT_NAME) -> nn.Module:
     """Add a trainable soft prompt to a transformers model, in place.
 
     The first prompt freezes every base parameter and hooks the model so every forward and
@@ -42,7 +44,8 @@ def add_soft_prompt(model: nn.Module, config: SoftPromptConfig | None = None, na
 
     Args:
         model (`PreTrainedModel`): any `AutoModelFor*` model that accepts `inputs_embeds`.
-        config (`SoftPromptConfig`, *optional*): defaults to 20 randomly initialised tokens.
+        config (`SoftPromptConfig`, *optional*): defaults to 20 randomly initialised tokens. PEFT's
+            `PromptTuningConfig` / `PromptEncoderConfig` (or their dicts) are taken too.
         name (`str`, defaults to `"default"`): the prompt's name, unique on the model.
 
     Returns:
@@ -55,8 +58,18 @@ def add_soft_prompt(model: nn.Module, config: SoftPromptConfig | None = None, na
         loss = model(**batch, soft_prompt_names=["default", "topics", None]).loss
         ```
     """
-    config = SoftPromptConfig() if config is None else config
+    config = SoftPromptConfig() if config is None else as_soft_prompt_config(config)
     return attach_soft_prompt(model, config, name=name)
+
+
+def as_soft_prompt_config(config: Any) -> SoftPromptConfig:
+    """`config` itself, or the `SoftPromptConfig` of a PEFT prompt-tuning / P-tuning config."""
+    if isinstance(config, SoftPromptConfig):
+        return config
+    if is_peft_prompt_config(config):
+        return from_peft_config(config)
+    raise TypeError(f"config must be a SoftPromptConfig (or PEFT's PromptTuningConfig / PromptEncoderConfig), got "
+                    f"{type(config).__name__}.")
 
 
 def attach_soft_prompt(

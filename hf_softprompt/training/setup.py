@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from torch import nn
 
 from ..config import SoftPromptConfig
-from ..model.attach import add_soft_prompt, remove_soft_prompt
+from ..model.attach import add_soft_prompt, as_soft_prompt_config, remove_soft_prompt
 from ..model.bank import DEFAULT_NAME
 from ..model.injector import get_injector, require_bank, require_injector
+from ..peft_config import is_peft_prompt_config
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,15 @@ def check_prompt_configs(config: PromptConfigs | None) -> dict[str, SoftPromptCo
     """`{name: config}` from a config, a mapping of them, or None (the model's own prompts)."""
     if config is None:
         return None
-    if isinstance(config, SoftPromptConfig):
-        return {DEFAULT_NAME: config}
+    if isinstance(config, SoftPromptConfig) or is_peft_prompt_config(config):
+        return {DEFAULT_NAME: as_soft_prompt_config(config)}
     if isinstance(config, Mapping) and config and all(
-            isinstance(k, str) and isinstance(v, SoftPromptConfig) for k, v in config.items()):
-        return dict(config)
+            isinstance(k, str) and (isinstance(v, SoftPromptConfig) or is_peft_prompt_config(v))
+            for k, v in config.items()):
+        return {name: as_soft_prompt_config(each) for name, each in config.items()}
     raise TypeError(
-        f"Expected a SoftPromptConfig, a non-empty dict of them by prompt name, or None; got {config!r}. "
-        "Build one with SoftPromptConfig(num_virtual_tokens=...)."
+        f"Expected a SoftPromptConfig (or PEFT's PromptTuningConfig / PromptEncoderConfig), a non-empty dict of "
+        f"them by prompt name, or None; got {config!r}. Build one with SoftPromptConfig(num_virtual_tokens=...)."
     )
 
 

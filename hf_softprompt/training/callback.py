@@ -90,6 +90,14 @@ class SoftPromptCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         model: nn.Module | None = None, **kwargs: Any,
     ) -> None:
+        if getattr(args, "use_vllm", False):
+            # TRL's online trainers generate with vLLM after syncing the model's weights into it; a
+            # prompt is no weight of the model, so vLLM would generate without it.
+            raise ValueError(
+                f"{type(args).__name__}(use_vllm=True) is not supported with a soft prompt: TRL copies the model's "
+                "weights into vLLM for generation, and the prompt is not one of them, so completions would be "
+                "sampled without it. Use use_vllm=False (generation through the prompted model's generate())."
+            )
         # Now, not at on_train_begin: by then `train()` has built the optimizer without the prompt.
         trainer = calling_trainer(self)
         # The column choosing each row's prompt, as the trainer holds the data now (TRL's processed

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -67,8 +67,10 @@ def shifted_label_batches(trainer: Any, batch_samples: list) -> list:
     model_computes_loss = trainer.label_smoother is None and trainer.compute_loss_func is None
     if injector is None or not model_computes_loss or not injector.spec.shifts_labels:
         return batch_samples
+    # A batch that is not a mapping (TRL's online trainers collate lists of row dicts) holds no labels.
     return [{**batch, "shift_labels": batch["labels"][..., 1:]}
-            if isinstance(batch.get("labels"), torch.Tensor) and "shift_labels" not in batch else batch
+            if isinstance(batch, Mapping) and isinstance(batch.get("labels"), torch.Tensor)
+            and "shift_labels" not in batch else batch
             for batch in batch_samples]
 
 

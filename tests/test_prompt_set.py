@@ -269,3 +269,21 @@ def test_concurrent_writers_take_turns_and_readers_never_see_a_mix(tmp_path):
     assert errors == []
     assert seen and all(len(set(values.values())) == 1 for values in seen), seen  # each read: one save's set
     assert len(set(values_of(tmp_path).values())) == 1
+
+
+def test_a_prompt_removed_during_a_call_fails_that_call_clearly():
+    """A head a prompt owns is looked up as the call reaches it: a prompt removed in between (from
+    another thread) must fail the call, never send its rows through the base head."""
+    from hf_softprompt import remove_soft_prompt
+
+    model = make_model("bert", "seq_cls")
+    for name in ("a", "b"):
+        add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=2), name=name)
+    encoder = model.bert.encoder
+    def remove_b(*args):  # mid-call, between the encoder and the heads
+        remove_soft_prompt(model, "b")
+
+    handle = encoder.register_forward_hook(remove_b)
+    with pytest.raises(RuntimeError, match=r"Soft prompt 'b' was removed while a call using it was running"):
+        model(input_ids=torch.randint(3, 90, (2, 5)), soft_prompt_names=["a", "b"])
+    handle.remove()

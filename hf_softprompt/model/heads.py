@@ -59,6 +59,11 @@ class RoutedForward:
         return self._per_row(rows, runners, args, kwargs)
 
     def _runner(self, name: str) -> Any:
+        if name not in self.bank:  # removed (by another thread) while this call was running
+            raise RuntimeError(
+                f"Soft prompt {name!r} was removed while a call using it was running, so its rows have no "
+                f"{self.path!r} head to go through. Remove prompts between calls, not during them."
+            )
         head = self.bank.head(name, self.path)
         return self.original if head is None else head
 

@@ -109,6 +109,7 @@ def count_switches(fn) -> tuple[list[int], int]:
         caller = frame.f_back
         if caller is None or caller.f_code.co_filename != frame.f_code.co_filename:
             state["count"] += 1
+            # methods.py: the wrappers' module before the refactor, so an older checkout counts the same way
             if frame.f_code.co_name == "__call__" and frame.f_code.co_filename.endswith(("wrappers.py", "methods.py")) \
                     and "self" in frame.f_locals and type(frame.f_locals["self"]).__name__ == "PromptedForward":
                 per_forward.append(state["count"])

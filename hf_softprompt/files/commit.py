@@ -79,11 +79,8 @@ def reading(root: str | os.PathLike) -> Iterator[None]:
         yield
         return
     if os.path.exists(os.path.join(root, JOURNAL_NAME)):
-        with _locked(root, exclusive=True) as locked:
-            if locked:
-                _finish_interrupted_commit(root)
-            else:
-                _finish_interrupted_commit(root)
+        with _locked(root, exclusive=True):
+            _finish_interrupted_commit(root)
     with _locked(root, exclusive=False):
         yield
 

@@ -111,7 +111,7 @@ def decode_step(kwargs: dict, call: Call, block: VirtualBlock, facts: ModelFacts
         kwargs["input_ids"] = call.input_ids  # the prompt is in the cache: tokens go in as they are
     mask = call.mask
     if mask is not None and mask.shape[1] + block.width == call.past + call.length:
-        mask = block.assemble(mask, block.mask.to(mask.dtype))  # a caller's mask without the prompt
+        mask = block.widen_mask(mask)  # a caller's mask without the prompt
         kwargs["attention_mask"] = mask
     decode_step_positions(kwargs, block, mask, call.length, from_mask=facts.positions_from_mask)
     return kwargs
@@ -149,7 +149,7 @@ def _first_call(kwargs: dict, call: Call, block: VirtualBlock, in_sequence: int,
     mask = call.mask if call.mask is not None else \
         torch.ones(call.batch, call.length, dtype=torch.long, device=call.device)
     if mask.shape[1] == call.length:
-        mask = block.assemble(mask, block.mask.to(mask.dtype))  # (B, W+L), a cached prompt included
+        mask = block.widen_mask(mask)  # (B, W+L), a cached prompt included
     elif mask.shape[1] != call.length + block.width:  # W+L: widened already (generate, the seq2seq call)
         raise ValueError(
             f"attention_mask has {mask.shape[1]} positions for an input of {call.length} tokens; "

@@ -51,6 +51,10 @@ class VirtualBlock:
         return self.block([torch.ones(n, dtype=torch.long, device=device) for n in self.rows.lengths],
                           torch.zeros((), dtype=torch.long, device=device))
 
+    def widen_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A (B, L) attention mask of the caller's tokens -> (B, W+L) with each row's prompt slots."""
+        return self.assemble(mask, self.mask.to(mask.dtype))
+
     @property
     def needs_gather(self) -> bool:
         """END layout with prompts of different lengths: real positions differ per row."""

@@ -16,6 +16,12 @@ import torch
 from .layout import Layout, VirtualBlock
 
 
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counting the attended tokens before each one, as `generate` computes them
+    (0 at padding before the first attended token)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def first_call_positions(kwargs: dict, block: VirtualBlock, mask: torch.Tensor, length: int, *,
                          shared: bool, counted: bool, from_mask: bool) -> None:
     """Positions for the first call of a sequence, whose `mask` (B, W+L) covers the prompt.
@@ -42,7 +48,7 @@ def first_call_positions(kwargs: dict, block: VirtualBlock, mask: torch.Tensor, 
             virtual = start + offset.clamp(min=0).clamp(max=(row_lengths - 1).clamp(min=0))  # (B, W)
             kwargs["position_ids"] = block.assemble(real, virtual)
     elif from_mask:
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, W+L)
+        positions = positions_from_mask(mask)  # (B, W+L)
         kwargs["position_ids"] = positions[:, -length:] if shared else positions
     cache_position = kwargs.get("cache_position")
     if cache_position is not None:
@@ -58,7 +64,7 @@ def decode_step_positions(kwargs: dict, block: VirtualBlock, mask: torch.Tensor 
         row_lengths = block.rows.row_lengths().unsqueeze(1).to(position_ids.device)
         kwargs["position_ids"] = position_ids.expand(block.rows.batch_size, -1) + row_lengths
     elif from_mask and mask is not None:
-        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        kwargs["position_ids"] = positions_from_mask(mask)[:, -length:]
     cache_position = kwargs.get("cache_position")
     if cache_position is not None:  # the caller's count of cached tokens does not include the prompt
         kwargs["cache_position"] = cache_position + block.width

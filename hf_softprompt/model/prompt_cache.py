@@ -36,6 +36,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..accessors import model_config
 from ..distributed import is_fsdp_sharded
+from .positions import positions_from_mask
 from .rows import NO_PROMPT, RowPrompts, bare_calls, rows_in_use
 from .tasks import TaskSpec, cache_argument, is_decoder_only
 
@@ -146,7 +147,7 @@ class SharedPromptCache:
         padded = bool((mask == 0).any())
         with bare_calls(self.model), rows_in_use(own_rows):
             self.base(inputs_embeds=embeds, attention_mask=mask if padded else None, use_cache=True,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), return_dict=True,
+                position_ids=positions_from_mask(mask), return_dict=True,
                 **{self._base_cache_key: cache})
         keep = mask.view(len(prompts), 1, width, 1).bool()
         if not padded:

@@ -120,7 +120,7 @@ class Seq2SeqForward(PromptedForward):
             else:
                 encoded = None if source is None else source.shape[1] + block.width
             if encoded is not None and mask.shape[1] + block.width == encoded:
-                kwargs["attention_mask"] = block.assemble(mask, block.mask.to(mask.dtype))
+                kwargs["attention_mask"] = block.widen_mask(mask)
         with rows_in_use(rows):  # the encoder inside and the task heads read it
             return self.inner(**kwargs)
 
@@ -183,7 +183,7 @@ class PromptedGenerate(MethodWrapper):
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:  # the caller's positions of real tokens, moved past each row's prompt
             kwargs["position_ids"] = position_ids + rows.row_lengths().unsqueeze(1).to(position_ids.device)
-        return {**kwargs, "attention_mask": block.assemble(mask, block.mask.to(mask.dtype))}
+        return {**kwargs, "attention_mask": block.widen_mask(mask)}
 
 
 def _without_choice(kwargs: dict) -> dict:

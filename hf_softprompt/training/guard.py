@@ -60,8 +60,7 @@ class PromptGradientGuard:
             grad = param.grad
             if grad is None:
                 return
-            local = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP2 shard: this rank's part
-            bad = (~torch.isfinite(local)).any().float()
+            bad = (~torch.isfinite(_local(grad))).any().float()
             self._flags[name] = torch.maximum(self._flags[name], bad) if name in self._flags else bad
         return note
 
@@ -106,7 +105,7 @@ class PromptGradientGuard:
                 "check that nothing detaches inputs_embeds (a custom forward, torch.no_grad around the loss)."
             )
         zero = [name for name, gs in grads.items()
-                if all(g is None or not bool(g.to_local().any() if hasattr(g, "to_local") else g.any()) for g in gs)]
+                if all(g is None or not bool(_local(g).any()) for g in gs)]
         if zero:
             message = (f"Soft prompt(s) {zero} ran in the batches of step {step} but got an all-zero gradient: "
                        "their rows may have no target token (every label -100), or the loss ignores them.")
@@ -120,3 +119,8 @@ class PromptGradientGuard:
         self._usage_handles.clear()
         self._flags.clear()
         self._used.clear()
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient (an FSDP2 shard is a DTensor), else the gradient itself."""
+    return grad.to_local() if hasattr(grad, "to_local") else grad

@@ -275,10 +275,12 @@ def test_saved_files_follow_the_umask(tmp_path):
 
 def test_temporary_files_of_a_crashed_save_are_cleared_by_the_next(tmp_path):
     save_soft_prompt(prompted("gpt2"), tmp_path)
-    leftover = tmp_path / ".adapter_model.safetensors.abc123.tmp"
-    leftover.write_bytes(b"half")
+    leftovers = [tmp_path / ".adapter_model.safetensors.abc123.tmp",
+                 tmp_path / ".soft_prompts.pending.json.abc123.tmp"]  # killed while writing the journal
+    for leftover in leftovers:
+        leftover.write_bytes(b"half")
     save_soft_prompt(prompted("gpt2"), tmp_path)
-    assert not leftover.exists()
+    assert [leftover.exists() for leftover in leftovers] == [False, False]
 
 
 # ------------------------------------------------------------------ 7. kill -9

@@ -42,6 +42,7 @@ def commit_files(root: str, writers: dict[str, Callable[[str], None]], remove: t
     with _locked(root, exclusive=True) as locked:
         if locked:
             _finish_interrupted_commit(root)
+            _remove_stale_temporaries(root, JOURNAL_NAME[1:])  # a journal whose writer died mid-write
         temporary: dict[str, str] = {}
         committed = False
         try:

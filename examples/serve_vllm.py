@@ -13,7 +13,8 @@ and prints exact match per task for both, how often their answers agree, and the
 vLLM does not load this GGUF checkpoint on CPU, so on the first run the script dequantizes
 SmolLM2-135M-Instruct once with transformers (`from_pretrained(dir, gguf_file=...)` then
 `save_pretrained`, float32 safetensors, ~0.5 GB) into `--base_model` and serves that; the prompts were
-trained on the same dequantized weights, so `check_base_model=False` accepts the new path.
+trained on the same dequantized weights, which their saved fingerprint of the embedding table
+recognises at the new path.
 
 Run it in the vLLM environment (docs/serving.md), after `run_multitask.py`:
 
@@ -96,7 +97,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
 
     # transformers: what run_multitask.py does after training, the prompts loaded from their files.
-    model = load_soft_prompt(AutoModelForCausalLM.from_pretrained(base), args.prompts, check_base_model=False)
+    model = load_soft_prompt(AutoModelForCausalLM.from_pretrained(base), args.prompts)
     start = time.perf_counter()
     hf = generate_answers(model, tokenizer, inputs, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, soft_prompt_names=row_tasks)
@@ -105,8 +106,7 @@ def main() -> None:
 
     from vllm import LLM
 
-    embedder = PromptEmbedder.from_pretrained(base, prompts=args.prompts, check_base_model=False,
-                                              max_length=args.max_length + 32)
+    embedder = PromptEmbedder.from_pretrained(base, prompts=args.prompts, max_length=args.max_length + 32)
     llm = LLM(model=base, enable_prompt_embeds=True, dtype="float32", max_model_len=embedder.max_positions,
               gpu_memory_utilization=0.1, enforce_eager=True, seed=0)
     ours, tokens, vllm_seconds = vllm_answers(llm, embedder, tokenizer, inputs, row_tasks, max_length=args.max_length,

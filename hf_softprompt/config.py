@@ -102,6 +102,11 @@ class SoftPromptConfig:
             `None` picks the task head of classification and QA models (`classifier`, `score`, ...);
             `[]` trains the prompt alone.
         base_model_name_or_path (`str`, *optional*): filled from the model when the prompt is added.
+        base_model_gguf_file (`str`, *optional*): the GGUF file the base model was loaded from
+            (`from_pretrained(path, gguf_file=...)`), filled when the prompt is added.
+        base_model_fingerprint (`str`, *optional*): a fingerprint of the base model's input-embedding
+            table, filled when the prompt is added; loads compare it with the model's own, so the
+            same weights load from any path and other weights are refused at any path.
         shared_prompt_cache (`bool`, *optional*): decoder-only models compute the prompt once per
             call and let every row attend to its keys/values (same results, less compute; a
             `generate()` computes them once, at its first step). `None` (default): wherever that
@@ -152,6 +157,13 @@ class SoftPromptConfig:
     )
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model id, filled in when the prompt is added."}
+    )
+    base_model_gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file of the base model, filled in when the prompt is added."}
+    )
+    base_model_fingerprint: str | None = field(
+        default=None, metadata={"help": "Fingerprint of the base model's embedding table, filled in when "
+                                        "the prompt is added."}
     )
     shared_prompt_cache: bool | None = field(
         default=None,

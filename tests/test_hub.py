@@ -82,7 +82,8 @@ def test_push_uploads_adapter_card_tokenizer_only_and_loads_back(hub_server, tmp
     card = ModelCard(hub_server.files(REPO)[CARD].decode())
     assert card.data.library_name == "hf-softprompt" and card.data.base_model == BASE
     assert {"soft-prompt", "p-tuning"} <= set(card.data.tags)
-    snippet = f'load_soft_prompt(AutoModelForSequenceClassification.from_pretrained("{BASE}"), "{REPO}")'
+    snippet = (f'base = AutoModelForSequenceClassification.from_pretrained("{BASE}")\n'
+               f'model = load_soft_prompt(base, "{REPO}")')
     assert snippet in card.text
 
     loaded = load_soft_prompt(base(), REPO, revision="main")
@@ -267,7 +268,7 @@ def test_trainer_background_push_failure_is_logged_not_fatal(hub_server, tmp_pat
 # ------------------------------------------------------------------ model card
 def test_model_card_contents():
     config = SoftPromptConfig(num_virtual_tokens=8, encoder="lstm", task_type="CAUSAL_LM", token_dim=32,
-                              base_model_name_or_path="/local/path/to/model")
+                              base_model_name_or_path="/local/path/to/model", base_model_gguf_file="m.Q4_1.gguf")
     history = [{"loss": 2.0, "step": 1, "epoch": 0.5}, {"eval_loss": 1.5, "eval_accuracy": 0.6, "step": 2,
                 "epoch": 1.0, "eval_runtime": 0.1}, {"eval_loss": 1.2, "eval_accuracy": 0.7, "step": 4,
                 "epoch": 2.0}, {"train_runtime": 3.0, "train_loss": 1.7, "step": 4, "epoch": 2.0}]
@@ -275,8 +276,9 @@ def test_model_card_contents():
     assert card.data.library_name == "hf-softprompt" and card.data.pipeline_tag == "text-generation"
     assert card.data.base_model is None  # a local path is no Hub base_model
     assert card.data.tags == ["hf-softprompt", "soft-prompt", "p-tuning", "sst2"]
-    snippet = 'load_soft_prompt(AutoModelForCausalLM.from_pretrained("/local/path/to/model"), "me/x")'
-    assert snippet in card.text
+    snippet = ('base = AutoModelForCausalLM.from_pretrained("/local/path/to/model", gguf_file="m.Q4_1.gguf")\n'
+               'model = load_soft_prompt(base, "me/x")')
+    assert snippet in card.text and "fingerprint" in card.text  # a local path: a moved copy loads too
     assert "| encoder | lstm |" in card.text and "| num_virtual_tokens | 8 |" in card.text
     assert "| eval_accuracy | 0.7 |" in card.text and "| train_loss | 1.7 |" in card.text
     evals = "| epoch | step | eval_accuracy | eval_loss |\n|---|---|---|---|\n| 1 | 2 | 0.6 | 1.5 |\n"

@@ -208,13 +208,24 @@ save_soft_prompt(model, sys.argv[1])
 """
 
 
+_BASE_WEIGHTS = make_model("llama", "causal_lm").state_dict()
+
+
+def base_model():
+    # make_model seeds torch's one global generator, which other threads draw from meanwhile (a
+    # prompt's random init): the same weights every time, whatever the threads do.
+    model = make_model("llama", "causal_lm")
+    model.load_state_dict(_BASE_WEIGHTS)
+    return model
+
+
 def values_of(directory):
-    model = load_soft_prompt(make_model("llama", "causal_lm"), directory)
+    model = load_soft_prompt(base_model(), directory)
     return {name: float(model.soft_prompts[name]().mean()) for name in soft_prompt_names(model)}
 
 
 def save_all(directory, value):
-    model = make_model("llama", "causal_lm")
+    model = base_model()
     for name in ("x", "y", "z"):
         add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=2), name=name)
         with torch.no_grad():

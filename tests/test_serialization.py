@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from hf_softprompt import SoftPromptConfig, add_soft_prompt, load_soft_prompt, save_soft_prompt
-from hf_softprompt.files.adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from hf_softprompt.files.adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, METADATA_CONFIG_KEY
 from hf_softprompt.files.load import load_soft_prompt_weights, read_adapter
 from hf_softprompt.model.injector import get_injector
 
@@ -248,17 +248,70 @@ def test_mismatch_errors_name_both_values(tmp_path, target, match):
     assert_untouched(model, before)
 
 
-def test_base_model_mismatch_and_opt_out(tmp_path):
+def test_other_weights_are_refused_whatever_their_name(tmp_path):
     path = saved(tmp_path, name_or_path="org/base-a")
-    other = make_model("bert", "seq_cls")
-    other.config._name_or_path = "org/base-b"
+    other = make_model("bert", "seq_cls", seed=1)  # other weights, under the same name
+    other.config._name_or_path = "org/base-a"
     before = other.state_dict()
-    with pytest.raises(ValueError, match=r"base_model_name_or_path='org/base-a', but the model is "
-                                         r"'org/base-b'.*check_base_model=False"):
+    with pytest.raises(ValueError, match=r"trained on other weights than 'org/base-a'.*fingerprint"
+                                         r".*check_base_model=False"):
         load_soft_prompt(other, path)
     assert_untouched(other, before)
     load_soft_prompt(other, path, check_base_model=False)
+
+
+def test_the_same_weights_load_from_any_path_and_dtype(tmp_path):
+    path = saved(tmp_path, name_or_path="/old/venv/site-packages/base")
+    moved = make_model("bert", "seq_cls")  # the same weights, loaded from elsewhere, in bfloat16
+    moved.config._name_or_path = "/new/place/base"
+    load_soft_prompt(moved.to(torch.bfloat16), path)
+    resized = make_model("bert", "seq_cls")
+    resized.resize_token_embeddings(resized.config.vocab_size + 8)  # tokens added after training
+    load_soft_prompt(resized, path)
+
+
+def test_without_a_saved_fingerprint_the_names_decide(tmp_path):
+    path = saved(tmp_path, name_or_path="org/base-a")
+    _drop_fingerprint(path)  # as saved by an older hf-softprompt
+    other = make_model("bert", "seq_cls")
+    other.config._name_or_path = "org/base-b"
+    with pytest.raises(ValueError, match=r"base_model_name_or_path='org/base-a', but the base model is "
+                                         r"'org/base-b'.*check_base_model=False"):
+        load_soft_prompt(other, path)
+    load_soft_prompt(other, path, check_base_model=False)
     load_soft_prompt(make_model("bert", "seq_cls"), path)  # unknown name (built from config): no check
+
+
+@pytest.mark.parametrize("names", [["default"], ["a", "b"]])
+def test_the_saved_cards_loading_code_runs_as_written(tmp_path, names):
+    base_dir = tmp_path / "base"
+    make_model("gpt2", "causal_lm").save_pretrained(base_dir)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    for seed, name in enumerate(names):
+        add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=P), name=name)
+        perturb_trainable(model, seed=seed)
+    save_soft_prompt(model, tmp_path / "adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the card's own code, as a user would paste it
+    loaded, ids = scope["model"], torch.tensor([[5, 6, 7]])
+    for name in names:
+        with torch.no_grad():
+            want = model(ids, soft_prompt_names=[name]).logits
+            got = loaded(ids, soft_prompt_names=[name]).logits
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def _drop_fingerprint(path):
+    weights = path / ADAPTER_WEIGHTS_NAME
+    with safe_open(weights, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(metadata[METADATA_CONFIG_KEY])
+    config["base_model_fingerprint"] = None
+    save_file(tensors, weights, metadata={**metadata, METADATA_CONFIG_KEY: json.dumps(config)})
 
 
 @pytest.mark.parametrize("damage,match", [

@@ -197,15 +197,18 @@ def test_encode_prompt_embeds_is_what_the_server_decodes():
 
 
 # ------------------------------------------------------------------ refusals
-def test_refuses_a_prompt_of_another_base_model(tmp_path):
+def test_serves_the_same_weights_from_any_path_and_refuses_other_weights_at_the_saved_path(tmp_path):
     base = _saved_base(tmp_path)
-    other = str(tmp_path / "copy")
-    shutil.copytree(base, other)
     save_soft_prompt(_prompts(_load(base), {"default": dict(num_virtual_tokens=3)}), tmp_path / "p")
-    with pytest.raises(ValueError, match=r"trained on base_model_name_or_path=.*base-llama.*but the base model is "
-                                         r".*copy.*check_base_model=False"):
-        PromptEmbedder.from_pretrained(other, prompts=tmp_path / "p")
-    assert PromptEmbedder.from_pretrained(other, prompts=tmp_path / "p", check_base_model=False)(
+    moved = str(tmp_path / "moved")  # e.g. another virtual environment, or a Hub id instead of the folder
+    shutil.move(base, moved)
+    assert PromptEmbedder.from_pretrained(moved, prompts=tmp_path / "p")(IDS, prompt="default").shape == (
+        3 + len(IDS), 32)
+    make_model("llama", "causal_lm", seed=7).save_pretrained(base)  # other weights where the base was
+    with pytest.raises(ValueError, match=r"trained on other weights than .*base-llama.*fingerprint"
+                                         r".*check_base_model=False"):
+        PromptEmbedder.from_pretrained(base, prompts=tmp_path / "p")
+    assert PromptEmbedder.from_pretrained(base, prompts=tmp_path / "p", check_base_model=False)(
         IDS, prompt="default").shape == (3 + len(IDS), 32)
 
 

@@ -33,9 +33,10 @@ from torch import nn
 
 from ..accessors import input_embeddings, weight_of
 from ..config import SoftPromptConfig, TaskType, config_enum
-from ..distributed import load_whole_state_dict
+from ..distributed import is_shard, load_whole_state_dict
 from ..model.attach import attach_soft_prompt, remove_soft_prompt, resolve_trainable_modules
 from ..model.bank import check_prompt_name
+from ..model.fingerprint import embedding_fingerprint
 from ..model.injector import get_injector, require_bank
 from ..model.tasks import known_task_type
 from .adapter import (
@@ -47,7 +48,7 @@ from .adapter import (
 )
 from .commit import reading
 from .prompt_set import prompt_folder, saved_prompt_names
-from .sources import AdapterSource, choose_prompts, same_base_name
+from .sources import AdapterSource, check_same_base, choose_prompts
 
 
 def load_soft_prompt(
@@ -86,8 +87,9 @@ def load_soft_prompt(
             becomes active when the model carried none.
         local_files_only (`bool`, defaults to `False`): only the local Hub cache (as `HF_HUB_OFFLINE=1`).
         subfolder (`str`, *optional*): load the one adapter in this folder of the repo or directory.
-        check_base_model (`bool`, defaults to `True`): refuse an adapter trained on a base model of
-            another name (checked only when both names are known). `False` skips this check.
+        check_base_model (`bool`, defaults to `True`): refuse an adapter trained on other base weights:
+            by the fingerprint of the input-embedding table saved with it (any path, any dtype of
+            the same weights passes), else by name (when both names are known). `False` skips it.
 
     Returns:
         The same model, carrying the prompts.
@@ -169,14 +171,11 @@ def check_adapter_fits(model: nn.Module, config: SoftPromptConfig, tensors: dict
             f"{type(model).__name__} has task_type={task.value!r}. Load the base model with the "
             "matching head (the AutoModelFor... class of that task)."
         )
-    saved_base = config.base_model_name_or_path
-    model_base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    if check_base_model and saved_base and model_base and not same_base_name(saved_base, model_base):
-        raise ValueError(
-            f"The adapter in {where!r} was trained on base_model_name_or_path={saved_base!r}, but the "
-            f"model is {model_base!r}. Load that base model, or pass check_base_model=False if both "
-            "names are the same weights."
-        )
+    if check_base_model:
+        table = weight_of(input_embeddings(model))
+        # A sharded table would need a collective that a load on one rank never joins: names decide then.
+        check_same_base(config, None if is_shard(table) else embedding_fingerprint(table),
+                        getattr(getattr(model, "config", None), "_name_or_path", None) or None, where)
     task_type = config.task_type or task
     heads = {} if task_type is None else dict(
         resolve_trainable_modules(model, dataclasses.replace(config, task_type=task_type)))

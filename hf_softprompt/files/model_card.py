@@ -3,6 +3,7 @@ training results."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -96,10 +97,7 @@ def build_model_card(
         f"with `{LIBRARY_NAME}`. Only the prompt (and any "
         "trained task head) is stored here, in PEFT's adapter layout; the base model's weights are not.",
         "## How to load",
-        "```python\n"
-        f"from transformers import {auto_class}\nfrom hf_softprompt import load_soft_prompt\n\n"
-        f"model = load_soft_prompt({auto_class}.from_pretrained(\"{base_model or '<base-model>'}\"), "
-        f"\"{repo_id or '<this-repo-or-folder>'}\"{_subfolder_args(subfolder)})\n```",
+        _load_snippet(auto_class, base_model, config.base_model_gguf_file, repo_id, _subfolder_args(subfolder)),
         "The files also load with PEFT (`PeftModel.from_pretrained(base, repo_id)`); PEFT places the "
         "prompt in front of the input, so outputs match when `placement` is `front`.",
         "## Configuration",
@@ -130,10 +128,8 @@ def build_prompt_set_card(configs: Mapping[str, SoftPromptConfig], *, repo_id: s
         "each in its own folder (PEFT's multi-adapter layout):",
         _prompt_list(configs),
         "## How to load",
-        "```python\n"
-        f"from transformers import {auto_class}\nfrom hf_softprompt import load_soft_prompt\n\n"
-        f"model = load_soft_prompt({auto_class}.from_pretrained(\"{base_model or '<base-model>'}\"), "
-        f"\"{repo_id or '<this-repo-or-folder>'}\")  # every prompt, by name\n```",
+        _load_snippet(auto_class, base_model, first.base_model_gguf_file, repo_id, "",
+                      comment="  # every prompt, by name"),
     ])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}\n")
 
@@ -156,6 +152,24 @@ def _prompt_list(configs: Mapping[str, SoftPromptConfig]) -> str:
         rows.append([f"`{name}`", f"`{name}/`" if name != "default" else "root",
                      str(config.num_virtual_tokens), kind])
     return _table(["Prompt", "Folder", "Virtual tokens", "Method"], rows)
+
+
+def _load_snippet(auto_class: str, base_model: str | None, gguf_file: str | None, source: str | None,
+                  extra_args: str, comment: str = "") -> str:
+    """The card's loading code, runnable as written where the base model and the adapter are."""
+    base_args = json.dumps(base_model or "<base-model>")
+    if gguf_file:
+        base_args += f", gguf_file={json.dumps(gguf_file)}"
+    where = json.dumps(source or "<this-repo-or-folder>")
+    code = ("```python\n"
+            f"from transformers import {auto_class}\nfrom hf_softprompt import load_soft_prompt\n\n"
+            f"base = {auto_class}.from_pretrained({base_args})\n"
+            f"model = load_soft_prompt(base, {where}{extra_args}){comment}\n```")
+    if base_model and not _is_repo_id(base_model):
+        code += ("\n\nThe base model was loaded from a local path. A copy of the same weights loads from any "
+                 "path: the adapter records a fingerprint of the base model's input embeddings "
+                 "(`base_model_fingerprint`) and `load_soft_prompt` checks that, not the path.")
+    return code
 
 
 def _subfolder_args(subfolder: str | None) -> str:

@@ -122,7 +122,10 @@ def save_soft_prompt(
     """
     bank = require_bank(model)
     root = os.fspath(save_directory)
+    repo_given = repo_id is not None
     repo_id = repo_id or os.path.basename(os.path.normpath(os.path.abspath(root)))
+    # The cards' loading snippet names where the files are: the Hub repo when pushed, else this folder.
+    card_source = repo_id if push_to_hub or repo_given else os.path.abspath(root)
     # Gathered on every rank (a collective when sharded) before any rank decides whether to write.
     tensors_by_name = {name: adapter_state_dict(model, name, full_state_dict) for name in bank.names()}
     if is_fsdp_sharded(bank) and full_state_dict is None and torch.distributed.get_rank() != 0:
@@ -138,12 +141,12 @@ def save_soft_prompt(
             lambda tmp, t=tensors, m=metadata: save_file(t, tmp, metadata=m))
         writers[os.path.join(folder, ADAPTER_CONFIG_NAME)] = lambda tmp, t=text: write_text(tmp, t)
         sub_repo = repo_id if name == DEFAULT_NAME else f"{repo_id}/{name}"
-        card = build_model_card(config, repo_id=repo_id, subfolder=prompt_folder(name) or None,
+        card = build_model_card(config, repo_id=card_source, subfolder=prompt_folder(name) or None,
                                 model_name=sub_repo.split("/")[-1] if name != DEFAULT_NAME else None,
                                 other_prompts=_others(bank, name) if name == DEFAULT_NAME else None)
         _add_card(writers, os.path.join(folder, MODEL_CARD_NAME), str(card))
     if DEFAULT_NAME not in bank:
-        card = build_prompt_set_card(bank.configs, repo_id=repo_id)
+        card = build_prompt_set_card(bank.configs, repo_id=card_source)
         _add_card(writers, os.path.join(root, MODEL_CARD_NAME), str(card))
     index_path = os.path.join(root, INDEX_NAME)
     if bank.names() != [DEFAULT_NAME]:  # a lone "default" prompt is a plain PEFT adapter

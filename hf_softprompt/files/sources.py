@@ -8,7 +8,9 @@ from typing import Any
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..config import SoftPromptConfig
 from ..model.bank import DEFAULT_NAME
+from ..model.fingerprint import same_weights
 from .adapter import ADAPTER_BIN_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, local_adapter_files
 from .hub import download_files
 from .prompt_set import INDEX_NAME, prompt_folder, read_index
@@ -79,3 +81,26 @@ def same_base_name(a: str, b: str) -> bool:
     """Whether two base-model names (Hub ids or paths) name the same model: equal, or the same folder."""
     a, b = a.rstrip("/\\"), b.rstrip("/\\")
     return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b))
+
+
+def check_same_base(config: SoftPromptConfig, fingerprint: str | None, base_name: str | None, where: str) -> None:
+    """Raise a `ValueError` unless the prompt saved in `where` (with `config`) was trained on the base
+    model whose embedding table has `fingerprint` (called `base_name`): by the fingerprints where both
+    exist (a path that moved still matches; other weights never do), else by name."""
+    saved_name, saved_fingerprint = config.base_model_name_or_path, config.base_model_fingerprint
+    same = same_weights(saved_fingerprint, fingerprint) if saved_fingerprint and fingerprint else None
+    if same is True:
+        return
+    if same is False:
+        raise ValueError(
+            f"The prompt in {where!r} was trained on other weights than {base_name or 'this model'!r}: its base "
+            f"model's input embeddings (fingerprint {saved_fingerprint}, saved from "
+            f"base_model_name_or_path={saved_name!r}) differ from these ({fingerprint}). Use the base model it "
+            "was trained on, or pass check_base_model=False to use it anyway."
+        )
+    if saved_name and base_name and not same_base_name(saved_name, base_name):
+        raise ValueError(
+            f"The prompt in {where!r} was trained on base_model_name_or_path={saved_name!r}, but the base model "
+            f"is {base_name!r}. Use that base model, or pass check_base_model=False if both names are the same "
+            "weights (the prompt was saved without a fingerprint of its base model's embeddings)."
+        )

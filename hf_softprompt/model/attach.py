@@ -23,6 +23,7 @@ from ..config import Placement, SoftPromptConfig, TaskType, config_enum
 from ..peft_config import from_peft_config, is_peft_prompt_config
 from ..prompt import SoftPrompt
 from .bank import BANK_MODULE_NAME, DEFAULT_NAME, SoftPromptBank, check_prompt_name
+from .fingerprint import embedding_fingerprint
 from .heads import copy_module, install_routing, uninstall_routing
 from .injector import SoftPromptInjector, get_injector, install_injector, require_bank, uninstall_injector
 from .quantization import drop_nominal_gguf_quantizer
@@ -223,12 +224,18 @@ def complete_config(config: SoftPromptConfig, model: nn.Module, embeddings: nn.M
             f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for input: "
             f"{type(model).__name__} has {limit} positions. Use fewer virtual tokens (typically 8 to 32)."
         )
-    base_name = config.base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None
-    config = dataclasses.replace(config, token_dim=token_dim, task_type=task_type,
-                                 base_model_name_or_path=base_name)
     injector = get_injector(model)
-    if injector is not None:
-        first = injector.bank.configs[injector.bank.names()[0]]
+    first = injector.bank.configs[injector.bank.names()[0]] if injector is not None else None
+    base_name = config.base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None
+    # The first prompt drops a dequantized GGUF base's quantizer (and the file name with it).
+    quantization = getattr(model.config, "quantization_config", None)
+    gguf_file = (quantization.get("gguf_file") if isinstance(quantization, Mapping)
+                 else getattr(quantization, "gguf_file", None)) or (
+        first.base_model_gguf_file if first is not None else config.base_model_gguf_file)
+    config = dataclasses.replace(config, token_dim=token_dim, task_type=task_type,
+                                 base_model_name_or_path=base_name, base_model_gguf_file=gguf_file,
+                                 base_model_fingerprint=embedding_fingerprint(weight_of(embeddings)))
+    if first is not None:
         for field in MODEL_LEVEL_FIELDS:
             if getattr(config, field) != getattr(first, field):
                 value = lambda v: getattr(v, "value", v)  # noqa: E731

@@ -22,7 +22,8 @@ import torch
 from ..config import Placement, SoftPromptConfig, TaskType, config_enum
 from ..files.adapter import PROMPT_KEY, read_adapter_files
 from ..files.commit import reading
-from ..files.sources import AdapterSource, choose_prompts, same_base_name
+from ..files.sources import AdapterSource, check_same_base, choose_prompts
+from ..model.fingerprint import embedding_fingerprint
 from ..model.tasks import max_positions
 from .base_model import CONFIG_FILE, base_file, config_dtype, read_embedding_table, read_json, text_config
 
@@ -88,8 +89,8 @@ class PromptEmbedder:
                 (its config's `dtype`, else the stored table's).
             max_length (`int`, *optional*): the engine's maximum length (vLLM's `max_model_len`) when it
                 is below the model's own.
-            check_base_model (`bool`, defaults to `True`): refuse a prompt saved for a base model of
-                another name (when the name is known).
+            check_base_model (`bool`, defaults to `True`): refuse a prompt saved for other base weights:
+                by the fingerprint of the embedding table saved with it, else by name (when known).
             tokenizer (*optional*): a tokenizer or where to load one; defaults to `base_model`'s.
             revision, token, cache_dir, local_files_only: for Hub downloads (base model and prompts).
 
@@ -107,13 +108,14 @@ class PromptEmbedder:
         limit = max_positions(model_config)
         if max_length is not None:
             limit = max_length if limit is None else min(limit, max_length)
+        fingerprint = embedding_fingerprint(table)
         served: dict[str, ServedPrompt] = {}
         for name, where in _prompt_sources(prompts):
             for served_name, prompt in _read_prompts(where, name, hub).items():
                 if served_name in served:
                     raise ValueError(f"Two saved prompts are named {served_name!r} ({served[served_name].source!r} "
                                      f"and {prompt.source!r}). Pass prompts={{'new_name': path, ...}} to rename one.")
-                _check_fits(prompt, table.shape[1], source, check_base_model)
+                _check_fits(prompt, table.shape[1], fingerprint, source, check_base_model)
                 served[served_name] = ServedPrompt(prompt.rows.to(dtype), prompt.source)
         return cls(table, served, max_positions=limit, tokenizer=tokenizer if tokenizer is not None else source)
 
@@ -248,7 +250,7 @@ def _read_prompts(where: str, name: str | None, hub: dict[str, Any]) -> dict[str
     return out
 
 
-def _check_fits(prompt: _SavedPrompt, width: int, base_model: str, check_base_model: bool) -> None:
+def _check_fits(prompt: _SavedPrompt, width: int, fingerprint: str, base_model: str, check_base_model: bool) -> None:
     config, where = prompt.config, prompt.source
     if config.task_type not in (None, TaskType.CAUSAL_LM):
         task_type = config_enum(TaskType, config.task_type, "task_type")
@@ -262,8 +264,5 @@ def _check_fits(prompt: _SavedPrompt, width: int, base_model: str, check_base_mo
     if prompt.rows.shape[1] != width:
         raise ValueError(f"The prompt in {where!r} has token_dim={prompt.rows.shape[1]}, but {base_model!r} has "
                          f"token_dim={width} (its embedding width). Serve it with the base model it was trained on.")
-    saved = config.base_model_name_or_path
-    if check_base_model and saved and not same_base_name(saved, base_model):
-        raise ValueError(f"The prompt in {where!r} was trained on base_model_name_or_path={saved!r}, but the base "
-                         f"model is {base_model!r}. Serve it with that model, or pass check_base_model=False if "
-                         "both are the same weights (e.g. a converted copy).")
+    if check_base_model:
+        check_same_base(config, fingerprint, base_model, where)

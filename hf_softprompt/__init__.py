@@ -16,8 +16,9 @@ from .model.attach import (  # noqa: E402
     set_active_soft_prompt,
     soft_prompt_names,
 )
-from .model.bare import without_soft_prompt  # noqa: E402
 from .model.describe import describe_soft_prompt, format_nearest_tokens  # noqa: E402
+from .model.scoped import using_soft_prompt, without_soft_prompt  # noqa: E402
+from .serving import PromptedPipeline, prompted_pipeline  # noqa: E402
 from .training.callback import SoftPromptCallback  # noqa: E402
 from .training.metrics import PerPromptMetrics  # noqa: E402
 from .training.reference import BaseModelReference  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "BaseModelReference",
     "HubError",
     "PerPromptMetrics",
+    "PromptedPipeline",
     "SoftPromptCallback",
     "SoftPromptConfig",
     "SoftPromptMixin",
@@ -39,9 +41,11 @@ __all__ = [
     "get_active_soft_prompt",
     "get_soft_prompt_config",
     "load_soft_prompt",
+    "prompted_pipeline",
     "remove_soft_prompt",
     "save_soft_prompt",
     "set_active_soft_prompt",
     "soft_prompt_names",
+    "using_soft_prompt",
     "without_soft_prompt",
 ]

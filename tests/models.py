@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
@@ -58,6 +59,7 @@ AUTO = {
     "token_cls": AutoModelForTokenClassification,
     "qa": AutoModelForQuestionAnswering,
     "masked_lm": AutoModelForMaskedLM,
+    "base": AutoModel,  # no head: feature extraction
 }
 
 # (family, task) pairs the injection must support; the reference tests run over all of them.

@@ -40,7 +40,7 @@ from .inputs import (
 from .labels import check_label_shapes
 from .layout import Layout, VirtualBlock
 from .prompt_cache import SHARED, SharedPromptCache
-from .rows import RowPrompts, choose_rows, current_rows
+from .rows import RowPrompts, choose_rows, current_rows, scoped_prompt
 from .tasks import TASK_SPECS, cache_argument, is_decoder_only, max_positions
 from .wrappers import (
     CHOICE_ARGUMENTS,
@@ -113,7 +113,8 @@ class SoftPromptInjector:
     # --------------------------------------------------------------- the choice
     def rows_for_call(self, batch: int, device: torch.device, kwargs: dict) -> RowPrompts:
         """This call's prompt per row: its own `soft_prompt_names`/`soft_prompt_ids` (popped), else
-        the choice of the `generate()` in progress, else the active prompt for every row."""
+        the choice of the `generate()` in progress, else the prompt of the `using_soft_prompt` block
+        in progress, else the active prompt, for every row."""
         names, ids = (kwargs.pop(key, None) for key in CHOICE_ARGUMENTS)
         if names is None and ids is None and (outer := current_rows()) is not None:
             return outer.for_batch(batch).to(device)
@@ -125,8 +126,11 @@ class SoftPromptInjector:
                 "something between the dataset and the model dropped it (a data collator that keeps only "
                 f"the columns it knows), so every row would train the active prompt.{advice}"
             )
-        rows = choose_rows(self.bank.names(), self.bank.lengths(), self.bank.active, batch,
-                           names, ids, device=device)
+        active = scoped_prompt(self.model, self.bank.active)  # a using_soft_prompt block's, else the model's
+        if active is not None and active not in self.bank:
+            raise ValueError(f"This call runs inside using_soft_prompt(model, {active!r}), but {active!r} was removed "
+                             f"from the model meanwhile; its prompts are {self.bank.names()}.")
+        rows = choose_rows(self.bank.names(), self.bank.lengths(), active, batch, names, ids, device=device)
         if (self.layout is Layout.FRONT and not rows.uniform and rows.width
                 and "position_ids" not in self.facts.accepts):
             raise ValueError(

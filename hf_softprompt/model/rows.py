@@ -175,7 +175,9 @@ def id_rule(num_prompts: int) -> str:
 
 def _check_length(got: int, batch_size: int, what: str) -> None:
     if got != batch_size:
-        raise ValueError(f"{what} has {got} entries for a batch of {batch_size} rows; give one per row.")
+        raise ValueError(f"{what} has {got} entries for a batch of {batch_size} rows; give one per row. (A "
+                         "transformers pipeline calls the model with batches of its own: wrap it with "
+                         "hf_softprompt.prompted_pipeline(pipe) and pass soft_prompt_names to that.)")
 
 
 # ------------------------------------------------------------ the call in progress
@@ -207,7 +209,7 @@ def current_rows() -> RowPrompts | None:
     return None if choice is None else choice.rows
 
 
-# The models that compute as their bare base model in this thread/task (bare.py), by id.
+# The models that compute as their bare base model in this thread/task (scoped.py), by id.
 _BARE: ContextVar[frozenset[int]] = ContextVar("hf_softprompt_bare", default=frozenset())
 
 
@@ -225,6 +227,29 @@ def bare_calls(model: object) -> Iterator[None]:
             yield
     finally:
         _BARE.reset(token)
+
+
+# Each model's prompt for calls that choose none, where a block of code set one (scoped.py), by id.
+_SCOPED: ContextVar[tuple[tuple[int, str | None], ...]] = ContextVar("hf_softprompt_scoped", default=())
+
+
+def scoped_prompt(model: object, default: str | None) -> str | None:
+    """The prompt of `model`'s calls that choose none, here: the innermost `using_soft_prompt`
+    block's, else `default` (the model's active prompt)."""
+    for key, name in reversed(_SCOPED.get()):
+        if key == id(model):
+            return name
+    return default
+
+
+@contextlib.contextmanager
+def scoped_calls(model: object, name: str | None) -> Iterator[None]:
+    """Inside the block, calls of `model` in this thread/task that choose no prompt use `name`."""
+    token = _SCOPED.set((*_SCOPED.get(), (id(model), name)))
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
 
 
 @contextlib.contextmanager

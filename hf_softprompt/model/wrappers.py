@@ -5,7 +5,7 @@ Each call wrapper reads the call's per-row prompt choice (`soft_prompt_names=[..
 `soft_prompt_ids=...`, popped so the model never sees them), asks the injector (injector.py) to
 rewrite the inputs, runs the wrapped method with that choice current (`rows.rows_in_use`, read
 by the seq2seq encoder and by task heads a prompt owns), and puts the outputs back in line. All
-per-call state is local to the call. Inside `without_soft_prompt(model)` (bare.py) every wrapper
+per-call state is local to the call. Inside `without_soft_prompt(model)` (scoped.py) every wrapper
 passes the call through untouched.
 """
 

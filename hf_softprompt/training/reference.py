@@ -18,8 +18,8 @@ from torch import nn
 
 from ..accessors import input_embeddings
 from ..model.bank import BANK_MODULE_NAME
-from ..model.bare import without_soft_prompt
 from ..model.injector import get_injector
+from ..model.scoped import without_soft_prompt
 
 _Destination = TypeVar("_Destination", bound=dict[str, Any])  # as torch's `Module.state_dict`
 

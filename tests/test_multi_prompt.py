@@ -370,3 +370,35 @@ def test_a_peft_adapter_loads_under_a_name(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs, soft_prompt_names=["from_peft"] * 2).logits,
                                    peft_model(**inputs).logits, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------ devices
+@pytest.mark.parametrize("family,task", [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "seq_cls"),
+                                         ("bert", "qa"), ("t5", "seq2seq_lm")])
+@pytest.mark.parametrize("choice", ["names", "ids", "active"])
+def test_routing_builds_nothing_on_the_default_device(family, task, choice):
+    """A routing table built where torch's default device is (the CPU) instead of where the call's
+    tensors are crashed multi-prompt training on a GPU. With `meta` as the default device, any
+    tensor built without an explicit device lands there and the call fails or differs; no GPU needed."""
+    def run(default_device):
+        model = make_model(family, task)
+        for name, tokens in (("a", 2), ("b", 3)):
+            add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=tokens), name=name)
+        perturb_trainable(model, seed=4)
+        ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+        kwargs = {"names": {"soft_prompt_names": ["a", "b", "a"]},
+                  "ids": {"soft_prompt_ids": torch.tensor([1, -1, 0])}, "active": {}}[choice]
+        extra = {"labels": ids} if task == "seq2seq_lm" else {}
+        with torch.device(default_device), torch.no_grad():
+            out = model(input_ids=ids, **kwargs, **extra)
+            generated = (model.generate(ids, max_new_tokens=3, do_sample=False, **kwargs)
+                         if task in ("causal_lm", "seq2seq_lm") else None)
+        return out, generated
+
+    (out, generated), (want, want_generated) = run("meta"), run("cpu")
+    for key in want.keys():
+        if isinstance(want[key], torch.Tensor):
+            assert out[key].device.type == "cpu"
+            torch.testing.assert_close(out[key], want[key], rtol=0, atol=0)
+    if want_generated is not None:
+        assert torch.equal(generated, want_generated)

@@ -129,7 +129,8 @@ def choose_rows(names: Sequence[str], lengths: dict[str, int], active: str | Non
                 f"soft_prompt_names names {unknown}, which the model does not carry. Its prompts are "
                 f"{list(names)}; use None for a row without a prompt."
             )
-        ids = torch.tensor([NO_PROMPT if n is None else position[n] for n in soft_prompt_names], dtype=torch.long)
+        ids = torch.tensor([NO_PROMPT if n is None else position[n] for n in soft_prompt_names], dtype=torch.long,
+                           device="cpu")  # host-side; moved with the rows at the end
     elif soft_prompt_ids is not None:
         if isinstance(soft_prompt_ids, str) or (isinstance(soft_prompt_ids, Sequence) and any(
                 isinstance(i, str) for i in soft_prompt_ids)):
@@ -138,7 +139,8 @@ def choose_rows(names: Sequence[str], lengths: dict[str, int], active: str | Non
                 f"soft_prompt_names(model) = {list(names)}. Pass the names as soft_prompt_names=[...] instead, "
                 "or map them to ids (e.g. dataset.map) before training."
             )
-        ids = torch.as_tensor(soft_prompt_ids)
+        ids = soft_prompt_ids if isinstance(soft_prompt_ids, torch.Tensor) else torch.as_tensor(
+            soft_prompt_ids, device="cpu")
         if ids.dim() == 2 and ids.shape[1] == 1:  # a column collated as (B, 1)
             ids = ids[:, 0]
         if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -156,7 +158,8 @@ def choose_rows(names: Sequence[str], lengths: dict[str, int], active: str | Non
                 f"prompts {list(names)}: {id_rule(len(names))}."
             )
     else:
-        ids = torch.full((batch_size,), NO_PROMPT if active is None else names.index(active), dtype=torch.long)
+        ids = torch.full((batch_size,), NO_PROMPT if active is None else names.index(active), dtype=torch.long,
+                         device="cpu")
     used = sorted(set(ids.tolist()) - {NO_PROMPT})
     # The table lives where the ids do (the Trainer moves a soft_prompt_ids column to the GPU).
     remap = torch.full((len(names) + 1,), NO_PROMPT, dtype=torch.long, device=ids.device)

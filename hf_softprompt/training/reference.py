@@ -148,3 +148,58 @@ def with_base_model_reference(init: Any, args: tuple, kwargs: dict) -> tuple[tup
         )
     bound.arguments["ref_model"] = BaseModelReference(model)
     return bound.args, bound.kwargs
+
+
+class DeferredReference:
+    """An online trainer's KL reference, set aside during its `__init__` (`defer_online_reference`)."""
+
+    def __init__(self, training_args: Any, beta: float) -> None:
+        self.training_args, self.beta = training_args, beta
+
+    def restore(self) -> None:
+        """Give the training arguments their `beta` back (also when `__init__` failed)."""
+        self.training_args.beta = self.beta
+
+    def attach(self, trainer: Any) -> None:
+        """Restore `beta` and make the trainer's reference the base model under the prompt
+        (`BaseModelReference`), with TRL's fused LM head as TRL gives its own reference."""
+        from trl.trainer.utils import add_fused_lm_head
+
+        self.restore()
+        if getattr(trainer, "ref_model", None) is not None or getattr(trainer, "beta", None) != 0.0:
+            raise RuntimeError(f"{type(trainer).__name__} did not build as TRL 1.16's online trainers do (a `beta` "
+                               "and no reference for beta=0); pass beta=0.0, or use a TRL version in the "
+                               "supported range.")
+        trainer.beta = self.beta
+        trainer.ref_model = BaseModelReference(trainer.model)
+        options: dict[str, Any] = {"temperature": getattr(trainer, "temperature", 1.0)}
+        if "cast_lm_head_to_fp32" in inspect.signature(add_fused_lm_head).parameters:
+            options["cast_lm_head_to_fp32"] = getattr(trainer.args, "cast_lm_head_to_fp32", False)
+        add_fused_lm_head(trainer.ref_model, **options)
+
+
+def defer_online_reference(init: Any, args: tuple, kwargs: dict) -> DeferredReference | None:
+    """For an online trainer with a KL term to a reference but no `ref_model` argument (TRL's
+    `GRPOTrainer`, `RLOOTrainer`): TRL 1.16 then loads a second copy of the model from its
+    `_name_or_path` (a model built in memory has none). This sets the training arguments' `beta`
+    to 0 for `init`, so no copy is made; the returned `DeferredReference` attaches the base model
+    under the prompt as the reference after it. None where nothing is deferred."""
+    try:
+        signature = inspect.signature(init)
+    except (TypeError, ValueError):
+        return None
+    if "ref_model" in signature.parameters or "reward_funcs" not in signature.parameters:
+        return None  # a preference trainer (with_base_model_reference), or no online trainer
+    bound = signature.bind_partial(*args, **kwargs)
+    model, training_args = bound.arguments.get("model"), bound.arguments.get("args")
+    beta = getattr(training_args, "beta", 0.0)
+    if training_args is None or not isinstance(model, nn.Module) or hasattr(model, "peft_config") or not beta:
+        return None  # default args, a model TRL loads from a name, a PEFT model (TRL disables its adapter), no KL
+    if getattr(training_args, "sync_ref_model", False):
+        raise ValueError(
+            "sync_ref_model=True moves the reference model towards the policy, but with a soft prompt the "
+            "reference is the frozen base model itself (no copy to move). Use sync_ref_model=False."
+        )
+    deferred = DeferredReference(training_args, float(beta))
+    training_args.beta = 0.0
+    return deferred

@@ -19,7 +19,7 @@ from ..model.injector import get_injector, require_bank
 from ..model.quantization import drop_nominal_gguf_quantizer
 from .callback import SoftPromptCallback, put_first
 from .checkpoints import get_num_items_in_batch, last_complete_checkpoint, load_best_model, load_from_checkpoint
-from .reference import with_base_model_reference
+from .reference import defer_online_reference, with_base_model_reference
 from .setup import PromptConfigs, trainable_counts
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ class SoftPromptMixin(_TrainerBase):
     declare no `loss_type`), puts the trainable-parameter count in the log history at the start of
     training, and pushes only the adapter files and soft-prompt model cards to the Hub
     (`push_to_hub()` and every `hub_strategy`). A preference trainer given no `ref_model` (TRL's
-    `DPOTrainer`) gets `BaseModelReference(model)`: the base model without the prompt, no copy.
+    `DPOTrainer`) gets `BaseModelReference(model)`: the base model without the prompt, no copy; so
+    does an online trainer with a KL term (TRL's `GRPOTrainer`, `RLOOTrainer` with `beta != 0`).
 
     Args:
         soft_prompt_config (`SoftPromptConfig` or `dict[str, SoftPromptConfig]`, *optional*, keyword
@@ -83,7 +84,14 @@ class SoftPromptMixin(_TrainerBase):
         if isinstance(model, nn.Module):  # before Trainer.__init__ refuses a nominally quantized model
             drop_nominal_gguf_quantizer(model)
         args, kwargs = with_base_model_reference(super().__init__, args, kwargs)
-        super().__init__(*args, **{**kwargs, "callbacks": callbacks})
+        reference = defer_online_reference(super().__init__, args, kwargs)
+        try:
+            super().__init__(*args, **{**kwargs, "callbacks": callbacks})
+        finally:
+            if reference is not None:
+                reference.restore()
+        if reference is not None:
+            reference.attach(self)
         put_first(callback, self.callback_handler)  # its prompt-health figures reach the report_to loggers
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:

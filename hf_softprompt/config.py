@@ -22,10 +22,12 @@ class PromptInit(str, enum.Enum):
 
 
 class EncoderType(str, enum.Enum):
-    """P-tuning reparameterisation of the prompt: none (plain prompt tuning), MLP or LSTM."""
+    """Reparameterisation of the prompt: none (plain prompt tuning), P-tuning's MLP or LSTM, or a
+    residual bottleneck MLP (Razdaibiedina et al., 2023)."""
 
     MLP = "mlp"
     LSTM = "lstm"
+    RESIDUAL = "residual"
 
 
 class Placement(str, enum.Enum):
@@ -91,8 +93,12 @@ class SoftPromptConfig:
         init_text (`str`, *optional*): text whose token embeddings start the prompt (`init="text"`).
         tokenizer_name_or_path (`str`, *optional*): tokenizer used to tokenize `init_text`.
         tokenizer_kwargs (`dict`, *optional*): extra arguments for `AutoTokenizer.from_pretrained`.
-        encoder (`str`, *optional*): `None` for prompt tuning, `"mlp"` or `"lstm"` for P-tuning.
-        encoder_hidden_size (`int`, *optional*): encoder width; defaults to the model's `token_dim`.
+        encoder (`str`, *optional*): `None` for prompt tuning, `"mlp"` or `"lstm"` for P-tuning,
+            `"residual"` for residual prompt tuning: each row plus a LayerNorm'd bottleneck MLP of
+            it, the MLP shared by the rows, its output scale starting at 0 so the prompt starts
+            at its init. Every encoder is folded into the (P, D) table it outputs for inference.
+        encoder_hidden_size (`int`, *optional*): encoder width; defaults to the model's `token_dim`
+            (for `"residual"` the bottleneck; defaults to `token_dim // 8`).
         encoder_num_layers (`int`, defaults to 2): LSTM layers (an MLP always has 2 hidden layers).
         encoder_dropout (`float`, defaults to 0.0): LSTM dropout between layers.
         placement (`str`, defaults to `"front"`): `"front"` or `"after_first_token"` (after [CLS]).
@@ -134,7 +140,7 @@ class SoftPromptConfig:
         default=None, metadata={"help": "Extra kwargs for AutoTokenizer.from_pretrained (text init)."}
     )
     encoder: EncoderType | str | None = field(
-        default=None, metadata={"help": "P-tuning encoder: mlp or lstm (default: none)."}
+        default=None, metadata={"help": "Prompt encoder: mlp or lstm (P-tuning), residual (default: none)."}
     )
     encoder_hidden_size: int | None = field(
         default=None, metadata={"help": "P-tuning encoder width (default: the model's token_dim)."}
@@ -222,8 +228,8 @@ class SoftPromptConfig:
             raise ValueError(f"encoder_dropout must be a number in [0, 1), got {self.encoder_dropout!r}.")
         self.encoder_dropout = float(self.encoder_dropout)
         if self.encoder_dropout and not (self.encoder is EncoderType.LSTM and self.encoder_num_layers > 1):
-            where = ("an MLP encoder" if self.encoder is EncoderType.MLP else "no encoder" if self.encoder is None
-                     else "a 1-layer LSTM")
+            where = {EncoderType.MLP: "an MLP encoder", EncoderType.RESIDUAL: "the residual encoder",
+                     None: "no encoder"}.get(self.encoder, "a 1-layer LSTM")  # type: ignore[arg-type]
             warnings.warn(
                 f"encoder_dropout={self.encoder_dropout} has no effect with {where}: it is the dropout between "
                 "LSTM layers. Use encoder='lstm' with encoder_num_layers >= 2, or leave encoder_dropout=0.",
@@ -252,7 +258,12 @@ class SoftPromptConfig:
 
     @property
     def is_p_tuning(self) -> bool:
-        """Whether the prompt goes through an MLP/LSTM encoder (P-tuning)."""
+        """Whether the prompt goes through P-tuning's MLP/LSTM encoder (PEFT's P_TUNING)."""
+        return self.encoder in (EncoderType.MLP, EncoderType.LSTM)
+
+    @property
+    def is_reparameterized(self) -> bool:
+        """Whether the prompt is the output of an encoder (P-tuning or residual) rather than its table."""
         return self.encoder is not None
 
     def to_dict(self) -> dict[str, Any]:

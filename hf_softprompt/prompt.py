@@ -1,4 +1,5 @@
-"""The learned prompt: a (P, D) float32 table, its three inits, and the P-tuning encoders."""
+"""The learned prompt: a (P, D) float32 table, its three inits, and the encoders that
+reparameterize it (P-tuning's MLP and LSTM, residual prompt tuning's bottleneck MLP)."""
 
 from __future__ import annotations
 
@@ -49,11 +50,32 @@ class LSTMPromptEncoder(nn.Module):
         return self.mlp_head(self.lstm_head(x.unsqueeze(0))[0]).squeeze(0)
 
 
+class ResidualPromptEncoder(nn.Module):
+    """Residual reparameterization (Razdaibiedina et al., 2023, *Residual Prompt Tuning*): each row
+    plus `LayerNorm(up(ReLU(down(row))))`, one bottleneck MLP shared by the rows.
+
+    The paper's LayerNorm starts with weight 1, which adds unit-scale noise to rows whose scale is
+    the vocabulary's (about 0.02-0.1 here), undoing a text or vocabulary init. Here its weight
+    starts at 0, so the prompt starts exactly at its init and the branch grows from the first step
+    (the LayerNorm weight gets a gradient at once; the MLP from the second step on, as LoRA's B=0).
+    """
+
+    def __init__(self, token_dim: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(token_dim, bottleneck)
+        self.up = nn.Linear(bottleneck, token_dim)
+        self.norm = nn.LayerNorm(token_dim)
+        nn.init.zeros_(self.norm.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.up(torch.relu(self.down(x))))
+
+
 class SoftPrompt(nn.Module):
     """The trainable prompt. `forward()` returns the (P, D) float32 prompt embeddings.
 
-    For plain prompt tuning these are the rows of `embedding`; for P-tuning they are
-    `encoder(embedding.weight)`. Parameters stay float32 whatever the base model's dtype;
+    For plain prompt tuning these are the rows of `embedding`; with an encoder (P-tuning,
+    residual) they are `encoder(embedding.weight)`. Parameters stay float32 whatever the base model's dtype;
     the injector casts the result at the point of use.
 
     Args:
@@ -70,7 +92,10 @@ class SoftPrompt(nn.Module):
         self.token_dim = config.token_dim
         self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim, dtype=torch.float32)
         self.encoder: nn.Module | None = None
-        if config.encoder is not None:
+        if config.encoder is EncoderType.RESIDUAL:
+            self.encoder = ResidualPromptEncoder(config.token_dim,
+                                                 config.encoder_hidden_size or max(1, config.token_dim // 8))
+        elif config.encoder is not None:
             hidden = config.encoder_hidden_size or config.token_dim
             if config.encoder is EncoderType.MLP:
                 self.encoder = MLPPromptEncoder(config.token_dim, hidden)
@@ -78,6 +103,7 @@ class SoftPrompt(nn.Module):
                 self.encoder = LSTMPromptEncoder(
                     config.token_dim, hidden, config.encoder_num_layers, config.encoder_dropout
                 )
+        if self.encoder is not None:
             self.encoder.float()
         with torch.no_grad():
             self.embedding.weight.copy_(initial_prompt(config, word_embeddings))

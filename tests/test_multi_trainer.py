@@ -29,7 +29,7 @@ from hf_softprompt.files.save import adapter_state_dict
 from hf_softprompt.model.injector import get_injector
 
 CONFIGS = {"sentiment": SoftPromptConfig(num_virtual_tokens=4),
-           "topics": SoftPromptConfig(num_virtual_tokens=6, encoder="mlp", encoder_hidden_size=16)}
+           "topics": SoftPromptConfig(num_virtual_tokens=6, encoder="residual", encoder_hidden_size=8)}
 TARGETS = {0: 1, 1: 2}  # class (seq_cls) or token (seq2seq) of each task: only the prompt tells them apart
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from models import enable_activation_checkpointing, is_activation_checkpointing,
 from reference import make_batch
 
 from hf_softprompt import SoftPromptConfig, add_soft_prompt, remove_soft_prompt
-from hf_softprompt.prompt import LSTMPromptEncoder, MLPPromptEncoder
+from hf_softprompt.prompt import LSTMPromptEncoder, MLPPromptEncoder, ResidualPromptEncoder
 
 
 # ------------------------------------------------------------------- inits
@@ -74,6 +75,28 @@ def test_lstm_encoder_layout():
     assert encoder.lstm_head.bidirectional and encoder.lstm_head.num_layers == 2
     assert encoder.mlp_head[0].weight.shape == (24, 24) and encoder.mlp_head[2].weight.shape == (32, 24)
     assert model.soft_prompts["default"]().shape == (5, 32)
+
+
+def test_residual_encoder_starts_at_the_init_and_trains_its_branch(tokenizer_dir):
+    config = SoftPromptConfig(num_virtual_tokens=5, encoder="residual", encoder_hidden_size=6, init="text",
+                              init_text="the movie was good", tokenizer_name_or_path=tokenizer_dir)
+    model = add_soft_prompt(make_model("gpt2", "causal_lm"), config)
+    prompt = model.soft_prompts["default"]
+    encoder = prompt.encoder
+    assert isinstance(encoder, ResidualPromptEncoder)
+    assert (encoder.down.weight.shape, encoder.up.weight.shape) == ((6, 32), (32, 6))
+    plain = add_soft_prompt(make_model("gpt2", "causal_lm"), dataclasses.replace(config, encoder=None))
+    assert torch.equal(prompt(), plain.soft_prompts["default"]())  # exactly the text init
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for step in range(2):
+        optimizer.zero_grad()
+        model(**make_batch("causal_lm", [5, 3])).loss.backward()
+        if step == 0:  # the branch's scale first, then the MLP behind it
+            assert encoder.norm.weight.grad.abs().sum() > 0 and encoder.up.weight.grad.abs().sum() == 0
+        optimizer.step()
+    assert encoder.up.weight.grad.abs().sum() > 0 and encoder.down.weight.grad.abs().sum() > 0
+    x = prompt.embedding.weight
+    torch.testing.assert_close(prompt(), x + encoder.norm(encoder.up(torch.relu(encoder.down(x)))))
 
 
 @pytest.mark.parametrize("encoder", ["mlp", "lstm"])

@@ -79,7 +79,7 @@ def test_matches_plain_path(family, task, padding_side):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
 
 
-@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+@pytest.mark.parametrize("encoder", ["mlp", "lstm", "residual"])
 def test_p_tuning_encoder_gradients_match(encoder):
     shared, plain = pair("llama", encoder=encoder)
     batch = make_batch("causal_lm", [6, 2, 4], "left")

@@ -59,7 +59,7 @@ def assert_untouched(model, before):
 
 
 # ------------------------------------------------------------------ layout
-@pytest.mark.parametrize("encoder", [None, "lstm"])
+@pytest.mark.parametrize("encoder", [None, "lstm", "residual"])
 def test_exact_files_and_peft_only_json(tmp_path, encoder):
     model = trained("bert", "seq_cls", encoder=encoder)
     written = save_soft_prompt(model, tmp_path)
@@ -67,9 +67,10 @@ def test_exact_files_and_peft_only_json(tmp_path, encoder):
     assert sorted(written) == sorted(str(tmp_path / n) for n in SAVED)
 
     data = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
-    peft_cls = PromptEncoderConfig if encoder else PromptTuningConfig
+    p_tuning = encoder in ("mlp", "lstm")  # PEFT has no residual encoder: its output exports as a prompt
+    peft_cls = PromptEncoderConfig if p_tuning else PromptTuningConfig
     assert set(data) <= {f.name for f in dataclasses.fields(peft_cls)}  # nothing PEFT would reject
-    assert data["peft_type"] == ("P_TUNING" if encoder else "PROMPT_TUNING")
+    assert data["peft_type"] == ("P_TUNING" if p_tuning else "PROMPT_TUNING")
     assert (data["task_type"], data["num_virtual_tokens"], data["token_dim"]) == ("SEQ_CLS", P, 32)
     assert data["num_transformer_submodules"] == 1
     with safe_open(tmp_path / ADAPTER_WEIGHTS_NAME, framework="pt") as f:
@@ -189,6 +190,21 @@ def test_ours_loads_in_peft(tmp_path, family, task, peft_task, encoder):
         warnings.simplefilter("error", UserWarning)  # no "missing/unexpected keys" from PEFT
         peft_model = PeftModel.from_pretrained(make_model(family, task), str(tmp_path))
     torch.testing.assert_close(peft_logits(peft_model, task), outputs(model, task), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family,task", [("llama", "causal_lm"), ("bert", "seq_cls")])
+def test_a_residual_prompt_loads_in_peft_as_its_output_and_in_ours_whole(tmp_path, family, task):
+    model = trained(family, task, encoder="residual")
+    save_soft_prompt(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        peft_model = PeftModel.from_pretrained(make_model(family, task), str(tmp_path))
+    torch.testing.assert_close(peft_logits(peft_model, task), outputs(model, task), atol=1e-5, rtol=0)
+    ours = load_soft_prompt(make_model(family, task), tmp_path)
+    assert get_injector(ours).bank.configs["default"].encoder.value == "residual"
+    for got, want in zip(ours.soft_prompts["default"].state_dict().values(),
+                         model.soft_prompts["default"].state_dict().values(), strict=True):
+        assert torch.equal(got, want)  # the table and the encoder: training resumes where it was
 
 
 @pytest.mark.parametrize("family,task,peft_task,encoder", INTEROP)

@@ -55,6 +55,7 @@ SPECS = {
     "long": dict(num_virtual_tokens=9),
     "mlp": dict(num_virtual_tokens=5, encoder="mlp"),
     "lstm": dict(num_virtual_tokens=3, encoder="lstm"),
+    "residual": dict(num_virtual_tokens=4, encoder="residual", encoder_hidden_size=6),
 }
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -274,6 +275,7 @@ def test_the_callback_finds_its_trainer(tmp_path, path):
 @pytest.mark.parametrize("family,task,encoder,resume,path", [
     ("llama", "causal_lm", None, "path", "subclass"),
     ("llama", "causal_lm", "mlp", "last", "subclass"),
+    ("llama", "causal_lm", "residual", "path", "subclass"),
     ("bert", "seq_cls", "lstm", "path", "subclass"),  # LSTM encoder and a trained head
     ("llama", "causal_lm", "mlp", "last", "callback"),  # the stock Trainer
     ("bert", "seq_cls", "lstm", "path", "callback"),
@@ -521,3 +523,25 @@ def test_private_trainer_hooks_we_rely_on_exist(name, params):
     # Each is also exercised above; this names the upstream rename when one happens.
     assert list(inspect.signature(getattr(Trainer, name)).parameters) == params
     assert name in ("_save", "_finish_current_push") or name in vars(SoftPromptMixin)
+
+
+# --------------------------------------------------------------------------- learning rate
+@pytest.mark.parametrize("path", ["subclass", "callback"])
+@pytest.mark.parametrize("lr,warns", [(5e-5, True), (3e-2, False)])
+def test_a_learning_rate_too_low_for_a_prompt_is_named_at_the_start(tmp_path, path, lr, warns):
+    model, data = tiny("llama", "causal_lm"), dataset("causal_lm")
+    config = SoftPromptConfig(num_virtual_tokens=P)
+    args = training_args(tmp_path, max_steps=1, learning_rate=lr)
+    if path == "subclass":
+        trainer = SoftPromptTrainer(model=model, args=args, train_dataset=data, soft_prompt_config=config)
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[SoftPromptCallback(config)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(w.message) for w in caught if "train at learning_rate" in str(w.message)]
+    if warns:
+        assert len(messages) == 1 and "learning_rate=5e-05" in messages[0]
+        assert "TrainingArguments(learning_rate=3e-2)" in messages[0]
+    else:
+        assert messages == []

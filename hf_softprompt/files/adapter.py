@@ -62,7 +62,7 @@ def peft_config_dict(config: SoftPromptConfig, model: nn.Module, head_paths: lis
             encoder_num_layers=config.encoder_num_layers,
             encoder_dropout=config.encoder_dropout,
         )
-    else:
+    else:  # plain prompt tuning, and a residual prompt: PEFT has no such encoder, but its output is a prompt
         out.update(
             peft_type="PROMPT_TUNING",
             prompt_tuning_init=config_enum(PromptInit, config.init, "init").value.upper(),

@@ -74,7 +74,8 @@ def build_model_card(
     base_model = base_model or config.base_model_name_or_path
     task = config_enum(TaskType, config.task_type or TaskType.FEATURE_EXTRACTION, "task_type")
     auto_class, pipeline_tag = _TASK_CARD[task]
-    method = "p-tuning" if config.is_p_tuning else "prompt-tuning"
+    method = ("p-tuning" if config.is_p_tuning else "residual-prompt-tuning" if config.is_reparameterized
+              else "prompt-tuning")
     all_tags = [LIBRARY_NAME, "soft-prompt", method, *(t for t in tags if t)]
     data = ModelCardData(
         library_name=LIBRARY_NAME,
@@ -91,6 +92,8 @@ def build_model_card(
     kind = "prompt tuning"
     if config.is_p_tuning:
         kind = f"P-tuning with an {config_enum(EncoderType, config.encoder, 'encoder').value.upper()} encoder"
+    elif config.is_reparameterized:
+        kind = "residual prompt tuning"
     sections = [
         f"# {title}",
         f"A soft prompt of {config.num_virtual_tokens} virtual tokens ({kind}) for {base_text}, trained "
@@ -148,7 +151,7 @@ def _prompt_list(configs: Mapping[str, SoftPromptConfig]) -> str:
     rows = []
     for name, config in configs.items():
         kind = (f"P-tuning ({config_enum(EncoderType, config.encoder, 'encoder').value})" if config.is_p_tuning
-                else "prompt tuning")
+                else "residual prompt tuning" if config.is_reparameterized else "prompt tuning")
         rows.append([f"`{name}`", f"`{name}/`" if name != "default" else "root",
                      str(config.num_virtual_tokens), kind])
     return _table(["Prompt", "Folder", "Virtual tokens", "Method"], rows)

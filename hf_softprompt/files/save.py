@@ -62,7 +62,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None,
             "state dict: trainer.save_model(), or on rank 0 save_soft_prompt(model, dir, full_state_dict=sd) "
             "with sd from FullyShardedDataParallel.state_dict_type(..., FULL_STATE_DICT); or shard with FSDP2."
         )
-    if config.is_p_tuning:
+    if config.is_reparameterized:  # the table and the encoder: what resuming training needs
         for key, value in state.items():
             tensors[STATE_PREFIX + key] = value.cpu().contiguous()
     for path, module in bank.head_modules(name).items():

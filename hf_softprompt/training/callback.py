@@ -23,7 +23,13 @@ from .checkpoints import adopt_trainer_hooks
 from .columns import check_prompt_id_column, choice_column
 from .guard import PromptGradientGuard
 from .health import PromptHealth
-from .setup import PromptConfigs, check_prompt_configs, describe_trainable, prepare_model
+from .setup import (
+    PromptConfigs,
+    check_prompt_configs,
+    describe_trainable,
+    prepare_model,
+    warn_if_prompt_rate_is_too_low,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +152,8 @@ class SoftPromptCallback(TrainerCallback):
                 # A callback cannot reach the stock Trainer's logs: print the count once, as PEFT's
                 # print_trainable_parameters() does (SoftPromptTrainer puts it in the logs instead).
                 print(summary)
+        if state.is_world_process_zero and not state.global_step:  # once, at the start (not on resume)
+            warn_if_prompt_rate_is_too_low(kwargs.get("optimizer"), model)
         if self.log_prompt_health:
             self.health.start(injector.bank)
         self.guard.start(injector.bank)

@@ -4,7 +4,9 @@ prompts, what the core's errors tell a Trainer's user, and the trainable-paramet
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -107,3 +109,27 @@ def describe_trainable(model: nn.Module) -> str:
     prompts = (f"soft prompt: {counts['soft_prompt_virtual_tokens']} virtual tokens" if len(lengths) == 1 else
                f"{len(lengths)} soft prompts ({', '.join(f'{n}: {p}' for n, p in lengths.items())} virtual tokens)")
     return f"{prompts}, {counts['trainable_params']:,} trainable parameters ({counts['trainable_percent']:.3g} %)"
+
+
+# Prompts train at rates a thousand times a full fine-tune's (Lester et al.: 0.3 with Adafactor; AdamW
+# 1e-2..3e-2 on the main job). Below this, a few hundred steps move a prompt by almost nothing.
+MIN_PROMPT_LEARNING_RATE = 1e-3
+
+
+def warn_if_prompt_rate_is_too_low(optimizer: Any, model: nn.Module) -> str | None:
+    """Warn (and return the message) when the optimizer trains the prompts at a rate below
+    `MIN_PROMPT_LEARNING_RATE`, e.g. `TrainingArguments`' default 5e-5."""
+    prompt_params = {id(p) for p in require_bank(model).parameters()}
+    rates = sorted({group.get("initial_lr", group.get("lr")) for group in getattr(optimizer, "param_groups", [])
+                    if any(id(p) in prompt_params for p in group["params"])} - {None})
+    if not rates or rates[0] >= MIN_PROMPT_LEARNING_RATE:
+        return None
+    message = (
+        f"The soft prompts train at learning_rate={rates[0]:g}, which moves a prompt by almost nothing in a few "
+        f"hundred steps (TrainingArguments' default 5e-05 is meant for full fine-tuning). Prompts train at "
+        f"{MIN_PROMPT_LEARNING_RATE:g} or more: TrainingArguments(learning_rate=3e-2) with AdamW (the main job's "
+        "setting), or 0.3 with Adafactor as in Lester et al. (2021)."
+    )
+    warnings.warn(message, UserWarning, stacklevel=2)
+    logger.warning(message)
+    return message

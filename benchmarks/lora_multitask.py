@@ -36,8 +36,8 @@ from transformers import (  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 from run_multitask import (  # noqa: E402
     DEFAULTS,
-    TASKS,
     MultiTaskArguments,
+    choose_tasks,
     exact_match_by_task,
     held_out_rows,
     load_task_splits,
@@ -48,12 +48,12 @@ from utils import generate_answers, smollm2_gguf  # noqa: E402
 from hf_softprompt.model.quantization import drop_nominal_gguf_quantizer  # noqa: E402
 
 
-def run(seed: int, rank: int, learning_rate: float, epochs: float) -> tuple[dict[str, float], float]:
+def run(seed: int, rank: int, learning_rate: float, epochs: float,
+        task_args: MultiTaskArguments) -> tuple[dict[str, float], float]:
     from peft import LoraConfig, get_peft_model
 
     set_seed(seed)
-    tasks = list(TASKS.values())
-    task_args = MultiTaskArguments()
+    tasks = choose_tasks(task_args)
     splits = {task.name: load_task_splits(task, task_args) for task in tasks}
     path, gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
@@ -89,12 +89,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=DEFAULTS["num_train_epochs"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="append the markdown table to this file")
+    parser.add_argument("--task_file", default=None, help="your own tasks, as for run_multitask.py --task_file")
     args = parser.parse_args()
+    task_args = MultiTaskArguments(task_file=args.task_file)
+    task_names = [task.name for task in choose_tasks(task_args)]  # a bad task file fails before any training
     torch.set_num_threads(args.threads)
 
     scores, times = [], []
     for seed in args.seeds:
-        result, seconds = run(seed, args.rank, args.learning_rate, args.epochs)
+        result, seconds = run(seed, args.rank, args.learning_rate, args.epochs, task_args)
         scores.append(result)
         times.append(seconds)
         print(f"seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in result.items()) + f" ({seconds:.0f} s)",
@@ -105,11 +108,12 @@ def main() -> None:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
-    keys = [*TASKS, "all"]
+    keys = [*task_names, "all"]
     lines = [
         f"### LoRA on the main job (r={args.rank}, lr {args.learning_rate}, {args.epochs} epochs)", "",
         f"Command: `python benchmarks/lora_multitask.py --seeds {' '.join(map(str, args.seeds))} "
-        f"--rank {args.rank} --learning-rate {args.learning_rate} --epochs {args.epochs}`  ",
+        f"--rank {args.rank} --learning-rate {args.learning_rate} --epochs {args.epochs}"
+        f"{' --task_file ' + args.task_file if args.task_file else ''}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {args.threads} "
         f"thread(s), transformers {transformers.__version__}; exact match %, mean ± std over seeds "
         f"{', '.join(map(str, args.seeds))}; training {statistics.mean(times):.0f} s per seed on average.", "",

@@ -30,6 +30,7 @@ Writes into `--output_dir`: the prompts in PEFT's multi-adapter layout (`<task>/
     python examples/run_multitask.py
     python examples/run_multitask.py --tiny --max_steps 5 --output_dir /tmp/mt   # smoke test
     python examples/run_multitask.py --tasks sentiment topics --compare_single_task
+    python examples/run_multitask.py --task_file examples/tasks.json   # your own tasks (format: tasks.py)
 
 Every `TrainingArguments` and `SoftPromptConfig` field is a flag (`--help` lists them); the
 `SoftPromptConfig` flags apply to every task's prompt (each starts from its own instruction).
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+from tasks import BUILTIN_TASKS, Task, check_columns, read_task_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -59,7 +61,6 @@ from transformers import (
 )
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from utils import (
-    DATA_DIR,
     ModelArguments,
     encode_with_answers,
     generate_answers,
@@ -69,6 +70,7 @@ from utils import (
     parse_args,
     setup_logging,
     smollm2_gguf,
+    text_prefixes_as_prompts,
     write_multi_prompt_report,
 )
 
@@ -77,38 +79,19 @@ from hf_softprompt import SoftPromptConfig, SoftPromptTrainer, soft_prompt_names
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Task:
-    """One task: where its data is, how a row reads, and the instruction a user would write."""
-
-    name: str
-    data: str  # folder of examples/data
-    text_column: str
-    label_column: str
-    template: str  # `{text}` is replaced by the row's text
-    instruction: str  # the zero-shot text prompt, and the soft prompt's initial text
-    verbalizer: dict[Any, str] | None = None  # label value -> answer text (None: the label itself)
-
-    def answer(self, label: Any) -> str:
-        return self.verbalizer[label] if self.verbalizer else str(label)
-
-
-TASKS = {task.name: task for task in (
-    Task("sentiment", "sentiment", "sentence", "label", "Review: {text}\nSentiment:",
-         "Is the sentiment of this review positive or negative?", {0: "negative", 1: "positive"}),
-    Task("topics", "topics", "text", "target", "Headline: {text}\nTopic:",
-         "Is this headline about business, politics, science or sports?"),
-    Task("complaints", "complaints", "text", "label", "Tweet: {text}\nLabel:",
-         "Is this tweet a complaint or no complaint?"),
-)}
+TASKS = BUILTIN_TASKS  # the three tasks of the main job; `--task_file` gives others (tasks.py)
 
 
 @dataclass
 class MultiTaskArguments:
     """Which tasks, how much of their data, and the baselines."""
 
-    tasks: list[str] = field(default_factory=lambda: list(TASKS),
-                             metadata={"help": f"Tasks to train together, of {list(TASKS)}."})
+    task_file: str | None = field(
+        default=None, metadata={"help": "A JSON list of your own tasks (format: examples/tasks.py, example: "
+                                        "examples/tasks.json); default: the three built-in tasks."})
+    tasks: list[str] = field(default_factory=list,
+                             metadata={"help": f"Tasks to train together (default: all), of {list(TASKS)} or "
+                                               "of the task file's."})
     max_length: int = field(default=64, metadata={"help": "Maximum input tokens of a row (prompt on top)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "First N training rows per task."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "First N held-out rows per task."})
@@ -116,6 +99,11 @@ class MultiTaskArguments:
     icl_examples: int = field(default=4, metadata={"help": "Solved examples in the k-shot baseline."})
     compare_single_task: bool = field(
         default=False, metadata={"help": "Also train each task's prompt alone (same rows, same epochs)."}
+    )
+    text_baselines: bool = field(
+        default=True, metadata={"help": "Score the text-prompt baselines (zero-shot, k-shot); they do not depend "
+                                        "on the prompt's settings, so `--text_baselines false` saves their time in "
+                                        "a sweep of settings."}
     )
 
 
@@ -140,10 +128,19 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
+def choose_tasks(args: MultiTaskArguments) -> list[Task]:
+    """The tasks `--task_file` describes (else the built-in ones), cut to `--tasks` where given."""
+    available = {t.name: t for t in read_task_file(args.task_file)} if args.task_file else TASKS
+    unknown = [name for name in args.tasks if name not in available]
+    if unknown:
+        raise ValueError(f"--tasks must name one or more of {list(available)}, got {args.tasks}.")
+    return [available[name] for name in args.tasks] if args.tasks else list(available.values())
+
+
 def load_task_splits(task: Task, args: MultiTaskArguments) -> datasets.DatasetDict:
-    """The task's embedded `train` and `validation` splits, cut to the `max_*_samples`."""
-    files = {split: str(DATA_DIR / task.data / f"{split}.jsonl") for split in ("train", "validation")}
-    raw = datasets.load_dataset("json", data_files=files)
+    """The task's `train` and `validation` splits, cut to the `max_*_samples`."""
+    raw = datasets.load_dataset("json", data_files={"train": task.train, "validation": task.validation})
+    check_columns(task, {split: raw[split].column_names for split in raw})
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
             raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
@@ -238,10 +235,7 @@ def main() -> None:
     training_args: TrainingArguments
     setup_logging()
     set_seed(training_args.seed)
-    unknown = [name for name in task_args.tasks if name not in TASKS]
-    if unknown or not task_args.tasks:
-        raise ValueError(f"--tasks must name one or more of {list(TASKS)}, got {task_args.tasks}.")
-    tasks = [TASKS[name] for name in task_args.tasks]
+    tasks = choose_tasks(task_args)
     splits = {task.name: load_task_splits(task, task_args) for task in tasks}
 
     if model_args.tiny:
@@ -261,11 +255,12 @@ def main() -> None:
     by_name = {task.name: task for task in tasks}
 
     def serve(model: PreTrainedModel, names: Sequence[str | None], texts: Sequence[str],
-              max_length: int) -> tuple[dict[str, float], list[str], float]:
+              max_length: int, desc: str) -> tuple[dict[str, float], list[str], float]:
         start = time.perf_counter()
         answers = generate_answers(model, tokenizer, texts, max_length=max_length,
                                    max_new_tokens=task_args.max_new_tokens,
-                                   batch_size=training_args.per_device_eval_batch_size, soft_prompt_names=names)
+                                   batch_size=training_args.per_device_eval_batch_size, soft_prompt_names=names,
+                                   desc=desc)
         seconds = time.perf_counter() - start
         return exact_match_by_task(answers, references, row_tasks, tasks), answers, seconds
 
@@ -280,18 +275,24 @@ def main() -> None:
     # Text-prompt baselines: the same model, every row with no soft prompt (`None`).
     bare = [None] * len(inputs)
     instructed = [f"{by_name[t].instruction}\n\n{x}" for t, x in zip(row_tasks, inputs, strict=True)]
-    k_shot = [f"{by_name[t].instruction}\n\n{shots[t]}{x}" for t, x in zip(row_tasks, inputs, strict=True)]
-    longest = (task_args.icl_examples + 2) * task_args.max_length  # room for the solved examples
+    longest = 2 * task_args.max_length  # room for the instruction
     scores, answers, seconds = {}, {}, {}
-    scores["zero-shot"], answers["zero-shot"], seconds["zero-shot"] = serve(model, bare, instructed, longest)
-    scores["k-shot"], answers["k-shot"], seconds["k-shot"] = serve(model, bare, k_shot, longest)
+    if task_args.text_baselines:
+        scores["zero-shot"], answers["zero-shot"], seconds["zero-shot"] = serve(
+            model, bare, instructed, longest, "zero-shot baseline")
+        # Each task's instruction and solved examples are the same text for all its rows: computed once
+        # per batch, as a frozen prompt of their token embeddings (utils.text_prefixes_as_prompts).
+        prefixes = {task.name: f"{task.instruction}\n\n{shots[task.name]}" for task in tasks}
+        with text_prefixes_as_prompts(model, tokenizer, prefixes) as prefix_of:
+            scores["k-shot"], answers["k-shot"], seconds["k-shot"] = serve(
+                model, [prefix_of[t] for t in row_tasks], inputs, task_args.max_length, "k-shot baseline")
     scores["prompt before"], answers["prompt before"], seconds["prompt before"] = serve(
-        model, row_tasks, inputs, task_args.max_length)
+        model, row_tasks, inputs, task_args.max_length, "soft prompts before training")
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()  # every prompt: <output_dir>/<task>/adapter_*.*, and soft_prompts.json
     scores["prompt after"], answers["prompt after"], seconds["prompt after"] = serve(
-        model, row_tasks, inputs, task_args.max_length)
+        model, row_tasks, inputs, task_args.max_length, "soft prompts after training")
 
     if base_for_single_tasks is not None:
         scores["alone"] = {}
@@ -317,6 +318,10 @@ def main() -> None:
         "gguf_file": model_args.gguf_file,
         "tasks": [task.name for task in tasks],
         "num_virtual_tokens": prompt_config.num_virtual_tokens,
+        "encoder": getattr(prompt_config.encoder, "value", prompt_config.encoder),
+        "encoder_hidden_size": prompt_config.encoder_hidden_size,
+        "learning_rate": training_args.learning_rate,
+        "seed": training_args.seed,
         "eval_examples": {task.name: row_tasks.count(task.name) for task in tasks},
         "exact_match": scores,
         "before": {"exact_match": scores["prompt before"]["all"]},
@@ -324,8 +329,9 @@ def main() -> None:
         "serving_seconds": seconds,
         "train": train_result.metrics,
         "samples": [{"task": t, "input": x, "reference": r, "zero-shot": z, "k-shot": k, "after": a}
-                    for t, x, r, z, k, a in zip(row_tasks[:8], inputs, references, answers["zero-shot"],
-                                                answers["k-shot"], answers["prompt after"], strict=False)],
+                    for t, x, r, z, k, a in zip(row_tasks[:8], inputs, references,
+                                                answers.get("zero-shot", [None] * 8), answers.get("k-shot", [None] * 8),
+                                                answers["prompt after"], strict=False)],
     }
     write_multi_prompt_report(training_args.output_dir, model, tokenizer, results, trainer.state.log_history)
     if training_args.push_to_hub:

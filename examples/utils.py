@@ -5,12 +5,13 @@ The scripts import this module as `utils` (Python puts the script's own folder o
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import datasets
 import evaluate
 import torch
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -28,7 +30,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from hf_softprompt import describe_soft_prompt, format_nearest_tokens, soft_prompt_names
+from hf_softprompt import (
+    SoftPromptConfig,
+    add_soft_prompt,
+    describe_soft_prompt,
+    format_nearest_tokens,
+    remove_soft_prompt,
+    soft_prompt_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -298,12 +307,14 @@ def encode_with_answers(
 def generate_answers(
     model: PreTrainedModel, tokenizer: Any, inputs: Sequence[str], *, max_length: int,
     max_new_tokens: int, batch_size: int, soft_prompt_names: Sequence[str | None] | None = None,
+    desc: str = "generate",
 ) -> list[str]:
     """Greedy `generate()` answers to `inputs`, decoded and cut at the first line break.
 
     Decoder-only models are left-padded and only the new tokens are decoded. Inputs are tokenized
     exactly as in training (same call, same truncation). `soft_prompt_names` (one per input: a
     prompt name, or None for the bare model) chooses each row's prompt, so one batch can mix tasks.
+    A progress bar named `desc` shows the batches.
     """
     if soft_prompt_names is not None and len(soft_prompt_names) != len(inputs):
         raise ValueError(f"soft_prompt_names has {len(soft_prompt_names)} entries for {len(inputs)} inputs; "
@@ -314,7 +325,7 @@ def generate_answers(
     tokenizer.padding_side = "left" if decoder_only else "right"
     answers: list[str] = []
     try:
-        for start in range(0, len(inputs), batch_size):
+        for start in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch"):
             batch = tokenizer(list(inputs[start:start + batch_size]), truncation=True, max_length=max_length,
                               padding=True, return_tensors="pt").to(model.device)
             routing = {} if soft_prompt_names is None else {
@@ -328,6 +339,36 @@ def generate_answers(
     finally:
         tokenizer.padding_side = padding_side
     return answers
+
+
+@contextlib.contextmanager
+def text_prefixes_as_prompts(model: PreTrainedModel, tokenizer: Any,
+                             prefixes: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Each text of `prefixes` (`{key: text}`) as a frozen prompt on `model` holding its tokens'
+    embeddings, for the block; yields `{key: prompt name}`.
+
+    A row that names such a prompt reads exactly as the text in front of its own tokens, but a
+    decoder computes the text's keys/values once per batch (the shared prompt cache) instead of
+    once per row: the k-shot baseline's solved examples cost one pass per task and batch. Tokens
+    are those of the text alone (`add_special_tokens=False`); where the tokenizer would merge the
+    text's last token with the row's first, the row reads them apart.
+    """
+    table = model.get_input_embeddings().weight
+    names: dict[str, str] = {}
+    try:
+        for key, text in prefixes.items():
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            name = f"text_prefix_{len(names)}"
+            add_soft_prompt(model, SoftPromptConfig(num_virtual_tokens=len(ids)), name=name)
+            prompt = model.soft_prompts[name]
+            with torch.no_grad():
+                prompt.embedding.weight.copy_(table[torch.tensor(ids, device=table.device)].float())
+            prompt.requires_grad_(False)
+            names[key] = name
+        yield names
+    finally:
+        for name in names.values():
+            remove_soft_prompt(model, name)
 
 
 def train_and_score_generation(

@@ -25,14 +25,14 @@ QUICK = ["--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", 
 
 
 def run_example(
-    script: str, output_dir: Path, *args: str, online: bool = False
+    script: str, output_dir: Path, *args: str, online: bool = False, check: bool = True
 ) -> subprocess.CompletedProcess:
     # `online`: the Hub is the local test server of the `hub_server` fixture (its env is inherited).
     env = {**os.environ, "HF_HUB_OFFLINE": "0" if online else "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
     command = [sys.executable, str(EXAMPLES / script), "--output_dir", str(output_dir), *QUICK, *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, (
+    assert result.returncode == 0 or not check, (
         f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     )
     return result

@@ -74,8 +74,7 @@ def build_model_card(
     base_model = base_model or config.base_model_name_or_path
     task = config_enum(TaskType, config.task_type or TaskType.FEATURE_EXTRACTION, "task_type")
     auto_class, pipeline_tag = _TASK_CARD[task]
-    method = ("p-tuning" if config.is_p_tuning else "residual-prompt-tuning" if config.is_reparameterized
-              else "prompt-tuning")
+    method, kind = _method(config)
     all_tags = [LIBRARY_NAME, "soft-prompt", method, *(t for t in tags if t)]
     data = ModelCardData(
         library_name=LIBRARY_NAME,
@@ -89,11 +88,6 @@ def build_model_card(
     title = model_name or subfolder or (repo_id.split("/")[-1] if repo_id else "Soft prompt")
     base_text = f"[`{base_model}`](https://huggingface.co/{base_model})" if _is_repo_id(base_model) else (
         f"`{base_model}`" if base_model else "its base model")
-    kind = "prompt tuning"
-    if config.is_p_tuning:
-        kind = f"P-tuning with an {config_enum(EncoderType, config.encoder, 'encoder').value.upper()} encoder"
-    elif config.is_reparameterized:
-        kind = "residual prompt tuning"
     sections = [
         f"# {title}",
         f"A soft prompt of {config.num_virtual_tokens} virtual tokens ({kind}) for {base_text}, trained "
@@ -150,11 +144,20 @@ def is_our_card(path: str | os.PathLike) -> bool:
 def _prompt_list(configs: Mapping[str, SoftPromptConfig]) -> str:
     rows = []
     for name, config in configs.items():
-        kind = (f"P-tuning ({config_enum(EncoderType, config.encoder, 'encoder').value})" if config.is_p_tuning
-                else "residual prompt tuning" if config.is_reparameterized else "prompt tuning")
+        kind = _method(config)[1]
         rows.append([f"`{name}`", f"`{name}/`" if name != "default" else "root",
                      str(config.num_virtual_tokens), kind])
     return _table(["Prompt", "Folder", "Virtual tokens", "Method"], rows)
+
+
+def _method(config: SoftPromptConfig) -> tuple[str, str]:
+    """The card's tag for the prompt's method, and its name in a sentence."""
+    if config.is_p_tuning:
+        encoder = config_enum(EncoderType, config.encoder, "encoder").value.upper()
+        return "p-tuning", f"P-tuning with an {encoder} encoder"
+    if config.is_reparameterized:
+        return "residual-prompt-tuning", "residual prompt tuning"
+    return "prompt-tuning", "prompt tuning"
 
 
 def _load_snippet(auto_class: str, base_model: str | None, gguf_file: str | None, source: str | None,

@@ -20,8 +20,10 @@ from .model.describe import describe_soft_prompt, format_nearest_tokens  # noqa:
 from .model.scoped import using_soft_prompt, without_soft_prompt  # noqa: E402
 from .serving import PromptedPipeline, prompted_pipeline  # noqa: E402
 from .training.callback import SoftPromptCallback  # noqa: E402
+from .training.distill import SoftPromptDistillationTrainer, distillation_loss  # noqa: E402
 from .training.metrics import PerPromptMetrics  # noqa: E402
 from .training.reference import BaseModelReference  # noqa: E402
+from .training.teacher import chat_after_prompt  # noqa: E402
 from .training.trainer import SoftPromptMixin, SoftPromptSeq2SeqTrainer, SoftPromptTrainer  # noqa: E402
 
 __all__ = [
@@ -31,12 +33,15 @@ __all__ = [
     "PromptedPipeline",
     "SoftPromptCallback",
     "SoftPromptConfig",
+    "SoftPromptDistillationTrainer",
     "SoftPromptMixin",
     "SoftPromptSeq2SeqTrainer",
     "SoftPromptTrainer",
     "__version__",
     "add_soft_prompt",
+    "chat_after_prompt",
     "describe_soft_prompt",
+    "distillation_loss",
     "format_nearest_tokens",
     "get_active_soft_prompt",
     "get_soft_prompt_config",

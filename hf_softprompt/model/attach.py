@@ -26,7 +26,7 @@ from .bank import BANK_MODULE_NAME, DEFAULT_NAME, SoftPromptBank, check_prompt_n
 from .fingerprint import embedding_fingerprint
 from .heads import copy_module, install_routing, uninstall_routing
 from .injector import SoftPromptInjector, get_injector, install_injector, require_bank, uninstall_injector
-from .quantization import drop_nominal_gguf_quantizer
+from .quantization import drop_nominal_gguf_quantizer, gguf_file_of
 from .tasks import TASK_SPECS, known_task_type, max_positions
 
 # Settings of the injection itself: every prompt on one model must agree on them.
@@ -228,9 +228,7 @@ def complete_config(config: SoftPromptConfig, model: nn.Module, embeddings: nn.M
     first = injector.bank.configs[injector.bank.names()[0]] if injector is not None else None
     base_name = config.base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None
     # The first prompt drops a dequantized GGUF base's quantizer (and the file name with it).
-    quantization = getattr(model.config, "quantization_config", None)
-    gguf_file = (quantization.get("gguf_file") if isinstance(quantization, Mapping)
-                 else getattr(quantization, "gguf_file", None)) or (
+    gguf_file = gguf_file_of(model) or (
         first.base_model_gguf_file if first is not None else config.base_model_gguf_file)
     config = dataclasses.replace(config, token_dim=token_dim, task_type=task_type,
                                  base_model_name_or_path=base_name, base_model_gguf_file=gguf_file,

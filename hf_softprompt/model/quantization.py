@@ -10,6 +10,8 @@ check).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 
@@ -25,3 +27,12 @@ def drop_nominal_gguf_quantizer(model: nn.Module) -> bool:
     quantizer.remove_quantization_config(model)  # what transformers does for `dequantize=True`
     return True
 
+
+
+def gguf_file_of(model: nn.Module) -> str | None:
+    """The GGUF file a model was loaded from (`from_pretrained(..., gguf_file=...)`), while its
+    config still holds the quantization config that names it; None otherwise."""
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    name = (quantization.get("gguf_file") if isinstance(quantization, Mapping)
+            else getattr(quantization, "gguf_file", None))
+    return name or None

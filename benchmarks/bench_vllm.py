@@ -14,8 +14,18 @@ exactly T). Variants, taking turns in one process (a busy machine slows them ali
 - `transformers generate(), soft prompts (mixed)`: the base model with the same K prompts
   (`load_soft_prompt`), `generate(..., soft_prompt_names=...)` in batches of `--batch-size`.
 
+With `--distilled DIR` (the output of examples/distill_prompt.py) it compares instead what a user of a
+distilled prompt cares about: each task's held-out rows served with the distilled soft prompt
+(`prompt_embeds`: P virtual tokens + the row) against the same rows with the teacher's text in
+front (`prompt_token_ids`: the instruction and solved examples + the row), vLLM's prefix caching on
+for both (it hashes `prompt_embeds` block by block, so a prompt's full blocks can hit too): new
+tokens/s, the time to the first token of every request (the same requests with `max_tokens=1`),
+and the prefix cache's hit rate, the cache emptied before every run so only what requests share
+within a run can hit.
+
 Usage (in the vLLM environment, docs/serving.md):
     python benchmarks/bench_vllm.py --out benchmarks/results.md --append
+    python benchmarks/bench_vllm.py --distilled output/distill_prompt --out benchmarks/results.md --append
 """
 
 from __future__ import annotations
@@ -79,6 +89,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for transformers.")
     parser.add_argument("--out", default=None, help="Markdown file for the table (with --append: added to).")
     parser.add_argument("--append", action="store_true")
+    parser.add_argument("--distilled", default=None,
+                        help="examples/distill_prompt.py's output: distilled prompts against their teacher texts.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +98,8 @@ def main() -> None:
 
     smollm2 = args.base_model.rstrip("/").endswith("smollm2-135m-instruct")
     base = dequantized_smollm2(args.base_model) if smollm2 else args.base_model
+    if args.distilled:
+        return report(args, distilled_against_teacher(args, base))
     folder, names = prompts_for(base, args.prompts, args.num_prompts, args.virtual_tokens)
     embedder = PromptEmbedder.from_pretrained(base, prompts=folder, check_base_model=False)
     n, length, new = args.requests, args.input_tokens, args.new_tokens
@@ -166,11 +180,92 @@ def main() -> None:
         "(included in the soft-prompt row).",
         "",
     ]
+    report(args, lines)
+
+
+def report(args: argparse.Namespace, lines: list[str]) -> None:
+    """Print the table, and write it to `--out` (added to it with `--append`)."""
     text = "\n".join(lines)
     print(text)
     if args.out:
         with open(args.out, "a" if args.append else "w", encoding="utf-8") as f:
             f.write("\n" + text)
+
+
+def distilled_against_teacher(args: argparse.Namespace, base: str) -> list[str]:
+    """The held-out rows of each distilled task served with its soft prompt and with its teacher text
+    (prefix caching on for both): the report's lines."""
+    import json
+
+    import vllm
+    from distill_prompt import k_shot_texts
+    from run_multitask import TASKS, load_task_splits
+    from transformers import AutoTokenizer
+
+    settings = json.load(open(os.path.join(args.distilled, "results.json"), encoding="utf-8"))
+    tasks = [TASKS[name] for name in settings["tasks"]]
+    limits = argparse.Namespace(max_train_samples=None, max_eval_samples=None)
+    splits = {task.name: load_task_splits(task, limits) for task in tasks}
+    texts = k_shot_texts(tasks, splits, settings["icl_examples"], settings["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    embedder = PromptEmbedder.from_pretrained(base, prompts=args.distilled)
+    rows = [(task.name, tokenizer(task.template.format(text=t), add_special_tokens=False)["input_ids"])
+            for task in tasks for t in splits[task.name]["validation"][task.text_column]][:args.requests]
+    prefixes = {name: tokenizer(text)["input_ids"] for name, text in texts.items()}  # as the trainer's teacher
+    new = args.new_tokens
+    longest = max(len(prefixes[name]) + len(ids) for name, ids in rows) + new + 8
+    llm = vllm.LLM(model=base, enable_prompt_embeds=True, enable_prefix_caching=True, max_model_len=longest,
+                   dtype=str(embedder.dtype).removeprefix("torch."), gpu_memory_utilization=0.1, enforce_eager=True,
+                   max_num_seqs=len(rows), seed=0)
+
+    def requests(kind: str) -> list[dict]:
+        if kind == "distilled":
+            return [{"prompt_embeds": embedder(ids, prompt=name)} for name, ids in rows]
+        return [{"prompt_token_ids": prefixes[name] + ids} for name, ids in rows]
+
+    def cache_counts() -> tuple[float, float]:
+        counts = {m.name: getattr(m, "value", 0) for m in llm.get_metrics()}
+        return counts.get("vllm:prefix_cache_hits", 0.0), counts.get("vllm:prefix_cache_queries", 0.0)
+
+    def run(kind: str, max_tokens: int) -> tuple[float, float]:
+        """(seconds, prefix-cache hit rate) of one run over every row, the cache emptied first."""
+        llm.reset_prefix_cache()
+        hits, queries = cache_counts()
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(requests(kind), params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        new_hits, new_queries = cache_counts()
+        return seconds, (new_hits - hits) / max(new_queries - queries, 1)
+
+    kinds = {"distilled": "distilled soft prompt (prompt_embeds)", "teacher": "teacher text (prompt_token_ids)"}
+    for kind in kinds:  # warm-up
+        run(kind, 2)
+    seconds: dict[str, list[float]] = {k: [] for k in kinds}
+    first: dict[str, list[float]] = {k: [] for k in kinds}
+    hit_rate: dict[str, float] = {}
+    for turn in range(args.turns):
+        for kind in (kinds if turn % 2 == 0 else list(reversed(kinds))):
+            took, hit_rate[kind] = run(kind, new)
+            seconds[kind].append(took)
+            first[kind].append(run(kind, 1)[0])
+    positions = {"distilled": statistics.mean(embedder.num_virtual_tokens(name) for name, _ in rows),
+                 "teacher": statistics.mean(len(prefixes[name]) for name, _ in rows)}
+    lines = [
+        f"### vLLM: distilled soft prompts against their teacher texts, {len(rows)} held-out rows of "
+        f"{[t.name for t in tasks]}, T={new}",
+        "",
+        f"Command: `python benchmarks/bench_vllm.py {shlex.join(sys.argv[1:])}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, vllm {vllm.__version__}, torch {torch.__version__}; "
+        f"prefix caching on; medians of {args.turns} turns.",
+        "",
+        "| requests carry | prompt positions (mean) | new tokens/s | all first tokens, s | prefix-cache hit rate |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {kinds[k]} | {positions[k]:.0f} | {len(rows) * new / statistics.median(seconds[k]):.0f} | "
+          f"{statistics.median(first[k]):.2f} | {100 * hit_rate[k]:.0f} % |" for k in kinds),
+        "",
+    ]
+    return lines
 
 
 if __name__ == "__main__":

@@ -100,9 +100,10 @@ def test_teacher_continuations_equal_generating_each_row_after_the_text(tokenize
         assert continuation == expected
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_loss_is_the_kl_of_the_two_forward_passes_written_by_hand(tmp_path, tokenizer, temperature):
-    trainer = distiller(tmp_path, tokenizer, temperature=temperature)
+@pytest.mark.parametrize("temperature, share_teacher_prefix", [(1.0, True), (2.0, True), (1.0, False)])
+def test_loss_is_the_kl_of_the_two_forward_passes_written_by_hand(tmp_path, tokenizer, temperature,
+                                                                  share_teacher_prefix):
+    trainer = distiller(tmp_path, tokenizer, temperature=temperature, share_teacher_prefix=share_teacher_prefix)
     model = trainer.model
     bare = make_model("llama", "causal_lm", initializer_range=0.05)  # same seed: the same weights, no prompt
     with torch.no_grad():
@@ -116,7 +117,7 @@ def test_loss_is_the_kl_of_the_two_forward_passes_written_by_hand(tmp_path, toke
     total, count = 0.0, 0
     torch.set_grad_enabled(False)
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
-        row = ids[mask.bool()].tolist()
+        row, labels = ids[mask.bool()].tolist(), labels[mask.bool()]  # the row without its padding
         teacher = bare(torch.tensor([prefix + row])).logits[0, len(prefix):]
         embeds = torch.cat([prompt, bare.get_input_embeddings()(torch.tensor(row))])
         student = bare(inputs_embeds=embeds[None]).logits[0, prompt.shape[0]:]

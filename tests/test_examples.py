@@ -163,3 +163,36 @@ def test_run_multitask_rejects_an_unknown_task(tmp_path):
     assert result.returncode != 0
     assert "--tasks must name one or more of ['sentiment', 'topics', 'complaints'], got ['sentiment', 'weather']" \
         in result.stderr
+
+
+DISTILL_KEYS = {"teacher_exact_match", "student_exact_match", "agreement", "teacher_prompt_tokens",
+                "student_virtual_tokens", "teacher_tokens_per_s", "student_tokens_per_s", "eval_examples"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_distill_prompt(tmp_path, model):
+    args = ["--tiny"] if model == "tiny" else ["--task_file", str(EXAMPLES / "tasks.json"), "--tasks", "sentiment"]
+    result = run_example("distill_prompt.py", tmp_path, *args, "--timed_batches", "1")
+    tasks = ["sentiment", "topics", "complaints"] if model == "tiny" else ["sentiment"]
+    assert json.loads((tmp_path / "soft_prompts.json").read_text())["prompts"] == tasks
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["tasks"]) == tasks
+    for scores in results["tasks"].values():
+        assert set(scores) == DISTILL_KEYS
+        assert all(0.0 <= scores[k] <= 1.0 for k in ("teacher_exact_match", "student_exact_match", "agreement"))
+        assert scores["student_virtual_tokens"] == 4 < scores["teacher_prompt_tokens"]  # QUICK: 4 virtual tokens
+        assert scores["eval_examples"] == 8 and scores["teacher_tokens_per_s"] > 0 < scores["student_tokens_per_s"]
+    assert set(results["teacher_pass_seconds"]) == {"shared", "per_row"}
+    assert "| task | teacher EM | student EM | agreement |" in result.stdout
+
+
+@pytest.mark.slow
+def test_distill_chat_tiny(tmp_path):
+    result = run_example("distill_chat.py", tmp_path, "--tiny", "--max_new_tokens", "4")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["held_out_turns"] == 8 and len(results["per_position_agreement"]) == 4
+    assert 0.0 <= results["all_tokens_agree"] <= 1.0 and 0.0 <= results["mean_equal_start"] <= 4
+    assert results["student_virtual_tokens"] == 4 < results["teacher_prompt_tokens"]
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert "generated tokens equal to the teacher's" in result.stdout

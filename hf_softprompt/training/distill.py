@@ -10,6 +10,7 @@ the continuation's tokens, never at the input's.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
+from ..accessors import input_embeddings, weight_of
 from ..config import SoftPromptConfig
 from ..model.attach import soft_prompt_names
 from ..model.bank import DEFAULT_NAME
@@ -30,7 +32,14 @@ from ..model.quantization import gguf_file_of
 from ..model.tasks import is_decoder_only, max_positions
 from .columns import ID_COLUMN
 from .setup import PromptConfigs, check_prompt_configs
-from .teacher import TeacherPrompt, TeacherText, generate_continuations, read_teacher_prompts, teacher_logits
+from .teacher import (
+    TeacherPrompt,
+    TeacherText,
+    generate_continuations,
+    prefix_cache,
+    read_teacher_prompts,
+    teacher_logits,
+)
 from .trainer import SoftPromptMixin
 
 logger = logging.getLogger(__name__)
@@ -47,13 +56,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """KL(teacher ‖ student) of the next-token distributions at every position whose next token is a
     continuation token (`labels[:, 1:] != -100`), times `temperature`² (Hinton et al. 2015), summed
     and divided by `num_items_in_batch` (the Trainer's count over all gradient-accumulation steps)
-    or, when None, by this batch's count of such positions.
+    or, when None, by this batch's count of such positions. The (B, K, V) logits are those of the
+    last K positions of the (B, L) `labels` (K = L: all of them; a call with `logits_to_keep=K`).
 
     Forward KL, the teacher's distribution first: the student is asked to put probability wherever the
     teacher does (the mode-covering direction of classic distillation), so the whole distribution
     is copied, not only the teacher's top token; the student's own mistakes are not sampled.
     """
-    chosen = labels[:, 1:] != IGNORE
+    chosen = labels[:, labels.shape[1] - student_logits.shape[1] + 1:] != IGNORE  # next tokens of the kept positions
     student = F.log_softmax(student_logits[:, :-1][chosen].float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits[:, :-1][chosen].float() / temperature, dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="sum") * temperature**2
@@ -63,8 +73,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 @dataclass
 class DistillationCollator:
-    """Pads the rows of a batch on the right: `input_ids` (row and continuation), `labels` (-100 but
-    at the continuation), `attention_mask` and each row's `soft_prompt_ids`."""
+    """Pads the rows of a batch on the left: `input_ids` (row and continuation), `labels` (-100 but
+    at the continuation), `attention_mask` and each row's `soft_prompt_ids`. On the left, so every
+    row ends with its continuation and the LM head runs over the last few positions only."""
 
     pad_token_id: int
 
@@ -72,10 +83,10 @@ class DistillationCollator:
         width = max(len(f["input_ids"]) for f in features)
 
         def padded(key: str, value: int) -> torch.Tensor:
-            return torch.tensor([list(f[key]) + [value] * (width - len(f[key])) for f in features])
+            return torch.tensor([[value] * (width - len(f[key])) + list(f[key]) for f in features])
 
         return {"input_ids": padded("input_ids", self.pad_token_id), "labels": padded("labels", IGNORE),
-                "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"]))
+                "attention_mask": torch.tensor([[0] * (width - len(f["input_ids"])) + [1] * len(f["input_ids"])
                                                 for f in features]),
                 ID_COLUMN: torch.tensor([int(f[ID_COLUMN]) for f in features])}
 
@@ -145,6 +156,8 @@ class SoftPromptDistillationTrainer(SoftPromptMixin, Trainer):
             _check_fits(teacher, self.positions, 1, "The teacher text")
         configs = _prompt_configs(soft_prompt_config, self.teachers, model, tokenizer)
         self.temperature, self.share_teacher_prefix = temperature, share_teacher_prefix
+        self._text_caches: dict[tuple[str, torch.device, torch.dtype], Any] = {}  # (name, device, dtype) -> cache
+        self._takes_logits_to_keep: bool | None = None
         self.max_new_tokens, self.generation_kwargs = max_new_tokens, dict(generation_kwargs or {})
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         kwargs.setdefault("data_collator", DistillationCollator(int(pad if pad is not None else 0)))
@@ -223,8 +236,9 @@ class SoftPromptDistillationTrainer(SoftPromptMixin, Trainer):
         if injector is not None:
             injector.ensure_outermost()
         labels = inputs["labels"]
-        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
-        teacher = self.teacher_logits(inputs["input_ids"], inputs["attention_mask"], inputs[ID_COLUMN])
+        keep = self._logits_to_keep(labels)
+        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"}, **keep)
+        teacher = self.teacher_logits(inputs["input_ids"], inputs["attention_mask"], inputs[ID_COLUMN], **keep)
         # The Trainer divides by the accumulation steps itself unless the model takes loss kwargs.
         per_item = num_items_in_batch if self.model_accepts_loss_kwargs else None
         loss = distillation_loss(outputs.logits, teacher, labels, self.temperature, per_item)
@@ -232,17 +246,40 @@ class SoftPromptDistillationTrainer(SoftPromptMixin, Trainer):
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the count spans devices
         return (loss, outputs) if return_outputs else loss
 
+    def _logits_to_keep(self, labels: torch.Tensor) -> dict[str, int]:
+        """`{"logits_to_keep": K}`: the last K positions predict every continuation token (rows are
+        padded on the left, so each ends with its continuation); {} where the model takes no such
+        argument or K would be every position."""
+        if self._takes_logits_to_keep is None:
+            self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.student.forward).parameters
+        targets = (labels != IGNORE).long()
+        first = int((targets.cumsum(1) == 0).sum(1).min())  # leftmost continuation token of the batch
+        keep = labels.shape[1] - first + 1  # the position before it predicts it
+        return {"logits_to_keep": keep} if self._takes_logits_to_keep and keep < labels.shape[1] else {}
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._text_caches.clear()  # the teacher text's keys/values, computed anew once per run
+        return super().train(*args, **kwargs)
+
     def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       prompt_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L, V) logits of the teacher: each row read after its own prompt's teacher text."""
+                       prompt_ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """(B, L, V) logits of the teacher (the last `logits_to_keep` positions when > 0): each row
+        read after its own prompt's teacher text, whose keys/values are computed once per run."""
         by_id = {index: self.teachers[name] for name, index in self.prompt_ids.items()}
         ids = prompt_ids.view(-1).tolist()
         out: torch.Tensor | None = None
         for index in sorted(set(ids)):
             rows = torch.tensor([i for i, each in enumerate(ids) if each == index], device=input_ids.device)
             prefix = torch.tensor(by_id[index].prefix_ids, dtype=torch.long)
-            logits = teacher_logits(self.student, prefix, input_ids[rows], attention_mask[rows],
-                                    share_prefix=self.share_teacher_prefix)
+            cache = None
+            if self.share_teacher_prefix:
+                weight = weight_of(input_embeddings(self.student))
+                key = (by_id[index].name, weight.device, weight.dtype)
+                if key not in self._text_caches:
+                    self._text_caches[key] = prefix_cache(self.student, prefix.to(weight.device))
+                cache = self._text_caches[key]
+            logits = teacher_logits(self.student, prefix, input_ids[rows], attention_mask[rows], cache=cache,
+                                    share_prefix=self.share_teacher_prefix, logits_to_keep=logits_to_keep)
             if out is None:
                 out = logits.new_empty(input_ids.shape[0], *logits.shape[1:])
             out[rows] = logits

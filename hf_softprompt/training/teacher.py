@@ -12,6 +12,7 @@ The teacher is the model the student trains on, inside `without_soft_prompt`: no
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -123,24 +124,43 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def prefix_cache(model: nn.Module, prefix_ids: torch.Tensor) -> Any:
+    """The bare `model`'s key/value cache of the (T,) `prefix_ids` as one row: what every row of the
+    teacher continues from. The teacher is frozen, so one computation serves a whole run."""
+    with torch.no_grad(), without_soft_prompt(model), eval_mode(model):
+        return model(input_ids=prefix_ids.unsqueeze(0), use_cache=True).past_key_values
+
+
+def rows_after(cache: Any, batch: int) -> Any:
+    """A copy of the one-row `cache` for each of `batch` rows (the rows' calls extend their copy)."""
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(batch)
+    return copied
+
+
 def teacher_logits(model: nn.Module, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
-    """(B, L, V) logits of the bare `model` at the rows' positions, each row read after the (T,)
-    `prefix_ids`: the text's keys/values computed once for the batch (`share_prefix`), or the text
-    concatenated in front of every row (the reference, and the path for models without a cache)."""
-    batch, length = input_ids.shape
+                   attention_mask: torch.Tensor, *, cache: Any = None, share_prefix: bool = True,
+                   logits_to_keep: int = 0) -> torch.Tensor:
+    """(B, L, V) logits of the bare `model` at the rows' positions (the last `logits_to_keep` of
+    them when > 0), each row read after the (T,) `prefix_ids`: every row continuing from a copy of
+    the text's keys/values (`cache`, from `prefix_cache`, computed here when None), or with
+    `share_prefix=False` the text concatenated in front of every row (the reference, and the path
+    for models without a cache). Rows may be padded on either side."""
+    batch = input_ids.shape[0]
     prefix = prefix_ids.to(input_ids.device)
     mask = torch.cat([attention_mask.new_ones(batch, prefix.numel()), attention_mask], dim=1)
-    with torch.no_grad(), without_soft_prompt(model), eval_mode(model):
-        if not share_prefix:
+    keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+    if not share_prefix:
+        with torch.no_grad(), without_soft_prompt(model), eval_mode(model):
             ids = torch.cat([prefix.expand(batch, -1), input_ids], dim=1)
-            return model(input_ids=ids, attention_mask=mask).logits[:, prefix.numel():]
-        key = cache_argument(model)
-        cache = model(input_ids=prefix.unsqueeze(0), use_cache=True).past_key_values
-        cache.batch_repeat_interleave(batch)  # each row continues from its own copy
+            positions = positions_from_mask(mask)  # the text first, then each row's real tokens
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep).logits
+        return logits if logits_to_keep else logits[:, prefix.numel():]
+    shared = rows_after(cache if cache is not None else prefix_cache(model, prefix), batch)
+    with torch.no_grad(), without_soft_prompt(model), eval_mode(model):
         positions = prefix.numel() + positions_from_mask(attention_mask)
         return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                     **{key: cache}).logits
+                     **{cache_argument(model): shared}, **keep).logits
 
 
 def generate_continuations(model: nn.Module, tokenizer: Any, prefix_ids: Sequence[int],
@@ -150,9 +170,9 @@ def generate_continuations(model: nn.Module, tokenizer: Any, prefix_ids: Sequenc
     """The bare `model`'s continuation of each row read after `prefix_ids` (generation settings of
     `generation_kwargs`, greedy by default), up to and including its first end-of-sequence token.
 
-    A batch lays out each row as `[text][padding][row]`: the text's keys/values are computed once per
-    batch and copied to every row, and positions follow the attention mask, so each row continues
-    exactly as it would after the text alone (tested against one row at a time)."""
+    A batch lays out each row as `[text][padding][row]`: the text's keys/values are computed once and
+    copied to every row, and positions follow the attention mask, so each row continues exactly as it
+    would after the text alone (tested against one row at a time)."""
     from tqdm.auto import tqdm
 
     eos = _eos_ids(model, tokenizer)
@@ -161,6 +181,7 @@ def generate_continuations(model: nn.Module, tokenizer: Any, prefix_ids: Sequenc
     prefix = torch.tensor(list(prefix_ids), dtype=torch.long, device=device)
     settings = {"do_sample": False, **(generation_kwargs or {}), "max_new_tokens": max_new_tokens,
                 "pad_token_id": pad}
+    text_cache = prefix_cache(model, prefix)
     continuations: list[list[int]] = []
     key = cache_argument(model)
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress or len(rows) <= batch_size):
@@ -174,9 +195,8 @@ def generate_continuations(model: nn.Module, tokenizer: Any, prefix_ids: Sequenc
                 ids[i, -len(row):] = torch.tensor(list(row), device=device)
                 mask[i, -len(row):] = 1
         with torch.no_grad(), without_soft_prompt(model), eval_mode(model):
-            cache = model(input_ids=prefix.unsqueeze(0), use_cache=True).past_key_values
-            cache.batch_repeat_interleave(len(chunk))
-            out = cast(Any, model).generate(input_ids=ids, attention_mask=mask, **{key: cache}, **settings)
+            out = cast(Any, model).generate(input_ids=ids, attention_mask=mask,
+                                            **{key: rows_after(text_cache, len(chunk))}, **settings)
         for generated in out[:, ids.shape[1]:].tolist():
             ends = [i for i, token in enumerate(generated) if token in eos]
             continuations.append(generated[:ends[0] + 1] if ends else generated)

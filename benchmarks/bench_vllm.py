@@ -216,7 +216,7 @@ def distilled_against_teacher(args: argparse.Namespace, base: str) -> list[str]:
     longest = max(len(prefixes[name]) + len(ids) for name, ids in rows) + new + 8
     llm = vllm.LLM(model=base, enable_prompt_embeds=True, enable_prefix_caching=True, max_model_len=longest,
                    dtype=str(embedder.dtype).removeprefix("torch."), gpu_memory_utilization=0.1, enforce_eager=True,
-                   max_num_seqs=len(rows), seed=0)
+                   max_num_seqs=len(rows), seed=0, disable_log_stats=False)  # get_metrics() needs the stats
 
     def requests(kind: str) -> list[dict]:
         if kind == "distilled":

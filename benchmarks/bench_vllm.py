@@ -207,8 +207,7 @@ def distilled_against_teacher(args: argparse.Namespace, base: str) -> list[str]:
     import json
 
     import vllm
-    from distill_prompt import k_shot_texts
-    from run_multitask import TASKS, load_task_splits
+    from run_multitask import TASKS, k_shot_texts, load_task_splits
     from transformers import AutoTokenizer
 
     settings = json.load(open(os.path.join(args.distilled, "results.json"), encoding="utf-8"))

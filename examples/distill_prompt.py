@@ -37,10 +37,9 @@ from typing import Any
 
 import datasets
 import torch
-from run_multitask import TASKS, choose_tasks, few_shot_block, load_task_splits
-from tasks import Task
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainingArguments, set_seed
-from utils import ModelArguments, load_kwargs, load_metric, make_tiny_model, parse_args, setup_logging, smollm2_gguf
+from run_multitask import TASKS, k_shot_texts, load_tasks_and_model
+from transformers import PreTrainedModel, TrainingArguments, set_seed
+from utils import ModelArguments, load_metric, parse_args, setup_logging, smollm2_gguf
 
 from hf_softprompt import SoftPromptConfig, SoftPromptDistillationTrainer, without_soft_prompt
 from hf_softprompt.training.teacher import generate_continuations
@@ -77,13 +76,6 @@ DEFAULTS: dict[str, Any] = dict(
     report_to="none",
     seed=42,
 )
-
-
-def k_shot_texts(tasks: Sequence[Task], splits: dict[str, datasets.DatasetDict], k: int, seed: int) -> dict[str, str]:
-    """Each task's teacher text: its instruction and `k` solved training examples, as the main job's
-    k-shot baseline (benchmarks/bench_vllm.py builds the same texts)."""
-    return {task.name: f"{task.instruction}\n\n{few_shot_block(task, splits[task.name]['train'], k, seed)}"
-            for task in tasks}
 
 
 def first_lines(tokenizer: Any, generated: Any) -> list[str]:
@@ -139,17 +131,7 @@ def main() -> None:
     setup_logging()
     set_seed(training_args.seed)
     began = time.perf_counter()
-    tasks: list[Task] = choose_tasks(task_args)
-    splits = {task.name: load_task_splits(task, task_args) for task in tasks}
-    if model_args.tiny:
-        texts = [text for task in tasks for text in (
-            *splits[task.name]["train"][task.text_column], task.template, task.instruction,
-            *(task.answer(label) for label in splits[task.name]["train"][task.label_column]))]
-        make_tiny_model("llama", texts, model_args.model_name_or_path, seed=training_args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tasks, splits, model, tokenizer = load_tasks_and_model(model_args, task_args, training_args.seed)
 
     teacher_texts = k_shot_texts(tasks, splits, task_args.icl_examples, training_args.seed)
     configs = {name: dataclasses.replace(prompt_config, init_text=text) if prompt_config.init_text else prompt_config

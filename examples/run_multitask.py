@@ -160,6 +160,32 @@ def few_shot_block(task: Task, train: datasets.Dataset, k: int, seed: int) -> st
     return "\n\n".join(shots) + "\n\n" if shots else ""
 
 
+def k_shot_texts(tasks: Sequence[Task], splits: dict[str, datasets.DatasetDict], k: int, seed: int) -> dict[str, str]:
+    """Each task's k-shot text: its instruction and `k` solved training examples (`few_shot_block`),
+    the text in front of every row in the k-shot baseline (and the teacher text of distill_prompt.py)."""
+    return {task.name: f"{task.instruction}\n\n{few_shot_block(task, splits[task.name]['train'], k, seed)}"
+            for task in tasks}
+
+
+def load_tasks_and_model(model_args: ModelArguments, task_args: Any, seed: int
+                         ) -> tuple[list[Task], dict[str, datasets.DatasetDict], PreTrainedModel, Any]:
+    """The chosen tasks, their splits, and the model and tokenizer (with `--tiny`, a tiny Llama and a
+    word-level tokenizer over the tasks' texts, made first); the tokenizer pads with EOS if it has no
+    pad token. `task_args` holds `task_file`, `tasks` and the `max_*_samples`."""
+    tasks = choose_tasks(task_args)
+    splits = {task.name: load_task_splits(task, task_args) for task in tasks}
+    if model_args.tiny:
+        texts = [text for task in tasks for text in (
+            *splits[task.name]["train"][task.text_column], task.template, task.instruction,
+            *(task.answer(label) for label in splits[task.name]["train"][task.label_column]))]
+        make_tiny_model("llama", texts, model_args.model_name_or_path, seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tasks, splits, model, tokenizer
+
+
 def task_prompt_configs(base: SoftPromptConfig, tasks: Sequence[Task], model_path: str,
                         tokenizer_kwargs: dict[str, Any] | None) -> dict[str, SoftPromptConfig]:
     """One prompt per task, each initialised from its task's instruction when `init=text`."""
@@ -235,23 +261,10 @@ def main() -> None:
     training_args: TrainingArguments
     setup_logging()
     set_seed(training_args.seed)
-    tasks = choose_tasks(task_args)
-    splits = {task.name: load_task_splits(task, task_args) for task in tasks}
-
-    if model_args.tiny:
-        texts = [text for task in tasks for text in (
-            *splits[task.name]["train"][task.text_column], task.template, task.instruction,
-            *(task.answer(label) for label in splits[task.name]["train"][task.label_column]))]
-        make_tiny_model("llama", texts, model_args.model_name_or_path, seed=training_args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs(model_args))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tasks, splits, model, tokenizer = load_tasks_and_model(model_args, task_args, training_args.seed)
     base_for_single_tasks = copy.deepcopy(model) if task_args.compare_single_task else None
 
     row_tasks, inputs, references = held_out_rows(tasks, splits, training_args.seed)
-    shots = {task.name: few_shot_block(task, splits[task.name]["train"], task_args.icl_examples, training_args.seed)
-             for task in tasks}
     by_name = {task.name: task for task in tasks}
 
     def serve(model: PreTrainedModel, names: Sequence[str | None], texts: Sequence[str],
@@ -282,7 +295,7 @@ def main() -> None:
             model, bare, instructed, longest, "zero-shot baseline")
         # Each task's instruction and solved examples are the same text for all its rows: computed once
         # per batch, as a frozen prompt of their token embeddings (utils.text_prefixes_as_prompts).
-        prefixes = {task.name: f"{task.instruction}\n\n{shots[task.name]}" for task in tasks}
+        prefixes = k_shot_texts(tasks, splits, task_args.icl_examples, training_args.seed)
         with text_prefixes_as_prompts(model, tokenizer, prefixes) as prefix_of:
             scores["k-shot"], answers["k-shot"], seconds["k-shot"] = serve(
                 model, [prefix_of[t] for t in row_tasks], inputs, task_args.max_length, "k-shot baseline")

@@ -26,6 +26,7 @@ from typing import Any
 
 import datasets
 import torch
+from distill_prompt import generate_timed
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 from utils import ModelArguments, load_kwargs, make_tiny_model, parse_args, setup_logging, smollm2_gguf
 
@@ -94,27 +95,6 @@ def user_turns(seed: int) -> list[str]:
     return turns
 
 
-@torch.no_grad()
-def student_continuations(model: Any, tokenizer: Any, rows: list[list[int]], batch_size: int,
-                          max_new_tokens: int) -> tuple[list[list[int]], float, int]:
-    """Greedy continuations of exactly `max_new_tokens` tokens (left-padded batches): the tokens, generate()
-    seconds, tokens made."""
-    out_rows, seconds, made = [], 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in chunk], device=model.device)
-        mask = (torch.arange(width).unsqueeze(0) >= torch.tensor([width - len(r) for r in chunk]).unsqueeze(1)).long()
-        began = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)[:, width:]
-        seconds += time.perf_counter() - began
-        made += out.numel()
-        out_rows += out.tolist()
-    return out_rows, seconds, made
-
-
 def equal_start(a: list[int], b: list[int]) -> int:
     return sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b, strict=False)))
 
@@ -156,10 +136,13 @@ def main() -> None:
     # text's shared keys/values (the same answers), then timed as served: its system message as tokens.
     teacher_tokens = generate_continuations(model, tokenizer, teacher.prefix_ids, rows, batch_size=batch,
                                             max_new_tokens=new, generation_kwargs={"min_new_tokens": new})
-    student_tokens, student_s, student_made = student_continuations(model, tokenizer, rows, batch, new)
-    with without_soft_prompt(model):
-        _, teacher_s, teacher_made = student_continuations(
-            model, tokenizer, [list(teacher.prefix_ids) + r for r in rows], batch, new)
+    # Exactly `new` tokens each (min_new_tokens), so all of them compare.
+    with torch.no_grad():
+        student_tokens, student_s, student_made = generate_timed(model, tokenizer, rows, "default", batch_size=batch,
+                                                                 max_new_tokens=new, min_new_tokens=new)
+    with torch.no_grad(), without_soft_prompt(model):
+        _, teacher_s, teacher_made = generate_timed(model, tokenizer, [list(teacher.prefix_ids) + r for r in rows],
+                                                    None, batch_size=batch, max_new_tokens=new, min_new_tokens=new)
     starts = [equal_start(t, s) for t, s in zip(teacher_tokens, student_tokens, strict=True)]
     results = {
         "model": model_args.model_name_or_path, "seed": training_args.seed, "threads": torch.get_num_threads(),

@@ -84,26 +84,36 @@ def first_lines(tokenizer: Any, generated: Any) -> list[str]:
 
 
 @torch.no_grad()
-def answer(model: PreTrainedModel, tokenizer: Any, prefix: Sequence[int], rows: Sequence[Sequence[int]],
-           prompt: str | None, *, batch_size: int, max_new_tokens: int) -> tuple[list[str], float, int]:
-    """Greedy answers to `rows` read after `prefix` (token ids) with the soft prompt `prompt` (None: none),
-    cut at the first line break; the seconds generate() took and the tokens it generated."""
-    answers: list[str] = []
+def generate_timed(model: PreTrainedModel, tokenizer: Any, rows: Sequence[Sequence[int]], prompt: str | None, *,
+                   batch_size: int, max_new_tokens: int, **generation: Any) -> tuple[list[list[int]], float, int]:
+    """Greedy new tokens for `rows` (token ids, left-padded batches) with the soft prompt `prompt` (None:
+    none); the seconds generate() took and the tokens it generated (every row takes every decoding step
+    of its batch)."""
+    out_rows: list[list[int]] = []
     seconds, generated = 0.0, 0
     pad = tokenizer.pad_token_id
     for start in range(0, len(rows), batch_size):
-        chunk = [list(prefix) + list(r) for r in rows[start:start + batch_size]]
+        chunk = [list(r) for r in rows[start:start + batch_size]]
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=model.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=model.device)
         routing = {} if prompt is None else {"soft_prompt_names": [prompt] * len(chunk)}
         began = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, **routing)[:, width:]
+                             pad_token_id=pad, **routing, **generation)[:, width:]
         seconds += time.perf_counter() - began
-        generated += out.numel()  # every row takes every decoding step of its batch
-        answers += first_lines(tokenizer, out)
-    return answers, seconds, generated
+        generated += out.numel()
+        out_rows += out.tolist()
+    return out_rows, seconds, generated
+
+
+def answer(model: PreTrainedModel, tokenizer: Any, prefix: Sequence[int], rows: Sequence[Sequence[int]],
+           prompt: str | None, *, batch_size: int, max_new_tokens: int) -> tuple[list[str], float, int]:
+    """Greedy answers to `rows` read after `prefix` (token ids) with the soft prompt `prompt` (None: none),
+    cut at the first line break; the seconds generate() took and the tokens it generated."""
+    out, seconds, generated = generate_timed(model, tokenizer, [list(prefix) + list(r) for r in rows], prompt,
+                                             batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return first_lines(tokenizer, out), seconds, generated
 
 
 def teacher_pass_seconds(trainer: SoftPromptDistillationTrainer, repeats: int = 3) -> dict[str, float]:

@@ -124,10 +124,18 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+@contextlib.contextmanager
+def as_teacher(model: nn.Module) -> Iterator[None]:
+    """Inside the block `model` computes as the teacher: the bare base model (`without_soft_prompt`),
+    in eval mode, recording no graph."""
+    with torch.no_grad(), without_soft_prompt(model), eval_mode(model):
+        yield
+
+
 def prefix_cache(model: nn.Module, prefix_ids: torch.Tensor) -> Any:
     """The bare `model`'s key/value cache of the (T,) `prefix_ids` as one row: what every row of the
     teacher continues from. The teacher is frozen, so one computation serves a whole run."""
-    with torch.no_grad(), without_soft_prompt(model), eval_mode(model):
+    with as_teacher(model):
         return model(input_ids=prefix_ids.unsqueeze(0), use_cache=True).past_key_values
 
 
@@ -151,13 +159,13 @@ def teacher_logits(model: nn.Module, prefix_ids: torch.Tensor, input_ids: torch.
     mask = torch.cat([attention_mask.new_ones(batch, prefix.numel()), attention_mask], dim=1)
     keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
     if not share_prefix:
-        with torch.no_grad(), without_soft_prompt(model), eval_mode(model):
+        with as_teacher(model):
             ids = torch.cat([prefix.expand(batch, -1), input_ids], dim=1)
             positions = positions_from_mask(mask)  # the text first, then each row's real tokens
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep).logits
         return logits if logits_to_keep else logits[:, prefix.numel():]
     shared = rows_after(cache if cache is not None else prefix_cache(model, prefix), batch)
-    with torch.no_grad(), without_soft_prompt(model), eval_mode(model):
+    with as_teacher(model):
         positions = prefix.numel() + positions_from_mask(attention_mask)
         return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                      **{cache_argument(model): shared}, **keep).logits
@@ -194,7 +202,7 @@ def generate_continuations(model: nn.Module, tokenizer: Any, prefix_ids: Sequenc
             if row:
                 ids[i, -len(row):] = torch.tensor(list(row), device=device)
                 mask[i, -len(row):] = 1
-        with torch.no_grad(), without_soft_prompt(model), eval_mode(model):
+        with as_teacher(model):
             out = cast(Any, model).generate(input_ids=ids, attention_mask=mask,
                                             **{key: rows_after(text_cache, len(chunk))}, **settings)
         for generated in out[:, ids.shape[1]:].tolist():

@@ -18,8 +18,19 @@ from .tasks import TaskSpec
 FULL_SEQUENCE_LOSS_FLAGS = ("fused_lm_head",)
 
 
+def tail_labels(kwargs: dict, spec: TaskSpec, length: int) -> bool:
+    """Whether a causal LM's labels cover only the last `logits_to_keep` positions of an (B, L) input
+    (a training step over the labelled tail, training/labelled_tail.py): the model compares them with
+    the logits it keeps, which lie after any prompt."""
+    keep, labels = kwargs.get("logits_to_keep"), kwargs.get("labels")
+    return (spec.shifts_labels and isinstance(keep, int) and 0 < keep <= length
+            and isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == keep)
+
+
 def check_label_shapes(kwargs: dict, spec: TaskSpec, batch: int, length: int) -> None:
-    """Refuse per-position labels that do not line up with the (B, L) input."""
+    """Refuse per-position labels that do not line up with the (B, L) input (or its kept tail)."""
+    if tail_labels(kwargs, spec, length):
+        return
     for key in spec.per_position_labels:
         labels = kwargs.get(key)
         if labels is not None and (labels.dim() < 2 or labels.shape[:2] != (batch, length)):
@@ -33,7 +44,7 @@ def rewrite_labels(kwargs: dict, spec: TaskSpec, block: VirtualBlock, in_sequenc
                    takes_logits_to_keep: bool) -> None:
     """Labels for a first call whose sequence holds `in_sequence` virtual positions (W, or 0 when
     the prompt comes in as a cache)."""
-    if not in_sequence:
+    if not in_sequence or tail_labels(kwargs, spec, length):
         return
     keep = kwargs.get("logits_to_keep")
     keeps_real_only = (  # a causal LM asked for logits at the L real positions only

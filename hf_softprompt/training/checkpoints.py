@@ -1,10 +1,13 @@
-"""The three Trainer methods soft prompts need changed, for the subclass and the callback alike.
+"""The Trainer methods soft prompts change, for the subclass and the callback alike.
 
 - Checkpoint loading (resume, `load_best_model_at_end`): our checkpoints hold the adapters, not
   base weights, so the Trainer's own loaders (which look for full-model weights) cannot read them.
 - The target-token count (`num_items_in_batch`): a causal LM predicts `labels[:, 1:]`, with a
   prompt as without, but the Trainer knows that only from the config's `loss_type` (Llama has
   it; GPT-2 has none, so the stock count includes `labels[:, 0]` and the mean loss is too small).
+
+- A training step's loss (`compute_loss`): the LM head over the labelled tail of the batch only
+  (labelled_tail.py), where the Trainer's loss is the model's own.
 
 `SoftPromptMixin` overrides the methods with these functions; with the stock `Trainer`,
 `SoftPromptCallback` puts the same functions on the Trainer instance it belongs to
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -32,6 +36,7 @@ from ..files.commit import reading
 from ..files.load import load_soft_prompt_weights
 from ..files.prompt_set import has_saved_prompts, prompt_folder, saved_prompt_names
 from ..model.injector import get_injector
+from .labelled_tail import compute_loss_over_labelled_tail
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +86,12 @@ def get_num_items_in_batch(stock: Callable, trainer: Any, batch_samples: list, d
 
 def adopt_trainer_hooks(trainer: Any) -> None:
     """Give a stock `Trainer` instance the checkpoint loading and target count of `SoftPromptMixin`."""
-    for name, hook in (("_load_from_checkpoint", load_from_checkpoint), ("_load_best_model", load_best_model),
-                       ("_get_num_items_in_batch", get_num_items_in_batch)):
+    hooks: list[tuple[str, Callable]] = [("_load_from_checkpoint", load_from_checkpoint),
+                                         ("_load_best_model", load_best_model),
+                                         ("_get_num_items_in_batch", get_num_items_in_batch)]
+    if type(trainer).compute_loss is Trainer.compute_loss:  # the model's own loss: its logits go unread
+        hooks.append(("compute_loss", compute_loss_over_labelled_tail))
+    for name, hook in hooks:
         setattr(trainer, name, functools.partial(hook, getattr(trainer, name), trainer))
 
 

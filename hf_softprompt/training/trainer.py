@@ -19,6 +19,7 @@ from ..model.injector import get_injector, require_bank
 from ..model.quantization import drop_nominal_gguf_quantizer
 from .callback import SoftPromptCallback, put_first
 from .checkpoints import get_num_items_in_batch, last_complete_checkpoint, load_best_model, load_from_checkpoint
+from .labelled_tail import compute_loss_over_labelled_tail, computes_model_loss
 from .reference import defer_online_reference, with_base_model_reference
 from .setup import PromptConfigs, trainable_counts
 
@@ -117,6 +118,8 @@ class SoftPromptMixin(_TrainerBase):
         injector = None if self.model is None else get_injector(self.model)
         if injector is not None:
             injector.ensure_outermost()
+        if computes_model_loss(self, SoftPromptMixin):  # the LM head over the labelled positions only
+            return compute_loss_over_labelled_tail(super().compute_loss, self, model, inputs, *args, **kwargs)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     # The Trainer methods soft prompts change, shared with the callback's stock Trainer (checkpoints.py).

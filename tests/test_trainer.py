@@ -542,6 +542,6 @@ def test_a_learning_rate_too_low_for_a_prompt_is_named_at_the_start(tmp_path, pa
     messages = [str(w.message) for w in caught if "train at learning_rate" in str(w.message)]
     if warns:
         assert len(messages) == 1 and "learning_rate=5e-05" in messages[0]
-        assert "TrainingArguments(learning_rate=3e-2)" in messages[0]
+        assert "TrainingArguments(learning_rate=0.1)" in messages[0]
     else:
         assert messages == []

@@ -6,10 +6,12 @@ compute) and the cross-entropy run over all of them. When every row's labels sta
 `k - 1` positions (left-padded batches: the answers end together), the step asks the model for
 its last `k` logits (`logits_to_keep=k`, which transformers' causal LMs take) and passes the last
 `k` labels: the same predicted tokens, the same loss, 9 % less time per step on the main job's
-rows (SmolLM2-135M, benchmarks/bench_labelled_tail.py). Only where nothing reads the logits: `compute_loss` without
-`return_outputs` (a training step), and only for a Trainer whose loss is the model's own
-(`Trainer.compute_loss`, no `compute_loss_func`, no label smoothing); TRL's trainers, which read
-the logits for their metrics, keep full logits.
+rows (SmolLM2-135M, benchmarks/bench_labelled_tail.py).
+
+Only where nothing reads the logits: `compute_loss` without `return_outputs` (a training step),
+and only for a Trainer whose loss is the model's own (`Trainer.compute_loss`, no
+`compute_loss_func`, no label smoothing); TRL's trainers, which read the logits for their metrics,
+keep full logits.
 """
 
 from __future__ import annotations

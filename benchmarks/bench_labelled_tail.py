@@ -7,7 +7,7 @@ padded on the right, the same rows, where the answers end at different positions
 keeps every logit. The two take turns batch by batch in one process (a busy machine slows both
 alike); the medians and their ratio are printed. Both steps give the same loss (printed too).
 
-    python benchmarks/bench_labelled_tail.py --threads 2 --batches 12
+    python benchmarks/bench_labelled_tail.py --threads 2 --batches 12 [--num_virtual_tokens 8]
 """
 
 from __future__ import annotations
@@ -44,13 +44,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--num_virtual_tokens", type=int, default=DEFAULTS["num_virtual_tokens"],
+                        help="Virtual tokens per prompt (default: the main job's).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_path, gguf = smollm2_gguf()
     model_args = ModelArguments(model_name_or_path=model_path, gguf_file=gguf)
-    tasks, splits, model, tokenizer = load_tasks_and_model(model_args, MultiTaskArguments(), seed=42)
-    configs = {task.name: SoftPromptConfig(num_virtual_tokens=DEFAULTS["num_virtual_tokens"]) for task in tasks}
-    rows = training_rows(tasks, splits, tokenizer, 64, seed=42)
+    task_args = MultiTaskArguments()
+    tasks, splits, model, tokenizer = load_tasks_and_model(model_args, task_args, seed=42)
+    configs = {task.name: SoftPromptConfig(num_virtual_tokens=args.num_virtual_tokens) for task in tasks}
+    rows = training_rows(tasks, splits, tokenizer, task_args.max_length, seed=42)
     with tempfile.TemporaryDirectory() as out:
         training_args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, learning_rate=0.03,
                                           report_to="none", disable_tqdm=True)
@@ -69,7 +72,7 @@ def main() -> None:
                 seconds[key].append(time.perf_counter() - begin)
                 losses[key].append(float(loss))
                 trainer.model.zero_grad(set_to_none=True)
-    print(f"SmolLM2-135M-Instruct, 3 prompts x {DEFAULTS['num_virtual_tokens']} virtual tokens, batches of 8 "
+    print(f"SmolLM2-135M-Instruct, 3 prompts x {args.num_virtual_tokens} virtual tokens, batches of 8 "
           f"main-job rows, {args.batches} batches each, taking turns; {args.threads} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, {platform.machine()}\n")
     print("| padding | median s/step | mean loss |\n|---|---:|---:|")

@@ -94,7 +94,32 @@ def test_a_trainer_that_reads_the_logits_gets_them_all(tmp_path, trainer_class):
                             **kwargs)
     trainer.seen = []
     trainer.train()
-    assert trainer.seen == [LENGTH]
+    trainer.evaluate(left_padded_rows())  # a loss-only pass through the same compute_loss
+    assert trainer.seen == [LENGTH, LENGTH]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("path", ["subclass", "callback"])
+def test_a_held_out_loss_pass_runs_the_head_over_the_tail_and_a_prediction_pass_over_everything(
+        tmp_path, family, path):
+    trainer, model = one_sgd_step(tmp_path, family, path, shared=False)
+    trainer.train()  # the callback sets up its prompt at train()'s start
+    rows = left_padded_rows(seed=1)
+    batch = {k: torch.tensor(v) for k, v in rows.to_dict().items()}
+    with torch.no_grad():
+        full = copy.deepcopy(model)(**batch)  # reference: the model's own loss over every position
+    head_positions = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_positions.append(args[0].shape[1]))
+
+    metrics = trainer.evaluate(rows)  # no compute_metrics: a loss-only pass
+    assert head_positions == [ANSWER + 1]
+    assert metrics["eval_loss"] == pytest.approx(full.loss.item(), abs=1e-5)
+
+    head_positions.clear()
+    predicted = trainer.predict(rows)  # the logits are returned: every position
+    assert head_positions == [full.logits.shape[1]]
+    torch.testing.assert_close(torch.as_tensor(predicted.predictions), full.logits, atol=1e-5, rtol=0)
+    assert predicted.metrics["test_loss"] == pytest.approx(full.loss.item(), abs=1e-5)
 
 
 def test_the_tail_keeps_every_target_and_nothing_is_cut_where_it_would_not(tmp_path):

@@ -6,8 +6,9 @@
   prompt as without, but the Trainer knows that only from the config's `loss_type` (Llama has
   it; GPT-2 has none, so the stock count includes `labels[:, 0]` and the mean loss is too small).
 
-- A training step's loss (`compute_loss`): the LM head over the labelled tail of the batch only
-  (labelled_tail.py), where the Trainer's loss is the model's own.
+- A training step's loss (`compute_loss`) and a loss-only held-out pass (`prediction_step`): the
+  LM head over the labelled tail of the batch only (labelled_tail.py), where the Trainer's loss is
+  the model's own.
 
 `SoftPromptMixin` overrides the methods with these functions; with the stock `Trainer`,
 `SoftPromptCallback` puts the same functions on the Trainer instance it belongs to
@@ -27,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -36,7 +36,11 @@ from ..files.commit import reading
 from ..files.load import load_soft_prompt_weights
 from ..files.prompt_set import has_saved_prompts, prompt_folder, saved_prompt_names
 from ..model.injector import get_injector
-from .labelled_tail import compute_loss_over_labelled_tail
+from .labelled_tail import (
+    compute_loss_over_labelled_tail,
+    prediction_step_over_labelled_tail,
+    runs_trainer_method,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +93,10 @@ def adopt_trainer_hooks(trainer: Any) -> None:
     hooks: list[tuple[str, Callable]] = [("_load_from_checkpoint", load_from_checkpoint),
                                          ("_load_best_model", load_best_model),
                                          ("_get_num_items_in_batch", get_num_items_in_batch)]
-    if type(trainer).compute_loss is Trainer.compute_loss:  # the model's own loss: its logits go unread
+    if runs_trainer_method(trainer, "compute_loss"):  # the model's own loss: a training step reads no logits
         hooks.append(("compute_loss", compute_loss_over_labelled_tail))
+        if runs_trainer_method(trainer, "prediction_step"):  # nor does a loss-only held-out pass
+            hooks.append(("prediction_step", prediction_step_over_labelled_tail))
     for name, hook in hooks:
         setattr(trainer, name, functools.partial(hook, getattr(trainer, name), trainer))
 

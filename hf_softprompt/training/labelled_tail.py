@@ -1,4 +1,4 @@
-"""A causal LM's training step with its LM head over the labelled tail of the batch only.
+"""A causal LM's loss with its LM head over the labelled tail of the batch only.
 
 A prompt is trained on short answers after long inputs: most positions of a batch carry label
 -100 and predict nothing, yet the LM head (a (D, vocabulary) matmul, a fifth of a small model's
@@ -8,10 +8,11 @@ its last `k` logits (`logits_to_keep=k`, which transformers' causal LMs take) an
 `k` labels: the same predicted tokens, the same loss, 9 % less time per step on the main job's
 rows (SmolLM2-135M, benchmarks/bench_labelled_tail.py).
 
-Only where nothing reads the logits: `compute_loss` without `return_outputs` (a training step),
-and only for a Trainer whose loss is the model's own (`Trainer.compute_loss`, no
-`compute_loss_func`, no label smoothing); TRL's trainers, which read the logits for their metrics,
-keep full logits.
+Only where nothing reads the logits: `compute_loss` without `return_outputs` (a training step) and
+`prediction_step` with `prediction_loss_only` (a held-out loss pass, where `Trainer.prediction_step`
+returns the loss alone), and only for a Trainer whose `compute_loss` (and, for the second,
+`prediction_step`) is `Trainer`'s own, with no `compute_loss_func` and no label smoothing. TRL's
+trainers, which read the logits for their metrics, keep full logits.
 """
 
 from __future__ import annotations
@@ -60,11 +61,19 @@ def compute_loss_over_labelled_tail(stock: Callable, trainer: Trainer, model: An
     return stock(model, inputs, *args, **kwargs)
 
 
-def computes_model_loss(trainer: Trainer, owner: type) -> bool:
-    """Whether the `compute_loss` that `owner`'s calls `super()` into is `Trainer.compute_loss` (the
-    model's own loss, whose outputs a training step discards)."""
+def prediction_step_over_labelled_tail(stock: Callable, trainer: Trainer, model: Any, inputs: Any,
+                                       prediction_loss_only: bool, *args: Any, **kwargs: Any) -> Any:
+    """`stock` (`Trainer.prediction_step`) with a loss-only pass's inputs cut to the labelled tail."""
+    if prediction_loss_only:
+        inputs = labelled_tail_inputs(trainer, inputs)
+    return stock(model, inputs, prediction_loss_only, *args, **kwargs)
+
+
+def runs_trainer_method(trainer: Trainer, name: str, below: type | None = None) -> bool:
+    """Whether `trainer`'s method `name` is `Trainer`'s own, or with `below` (a class in its MRO)
+    whether the `name` that `below`'s `super()` call reaches is: nothing between overrides it."""
     mro = type(trainer).__mro__
-    for cls in mro[mro.index(owner) + 1:]:
-        if "compute_loss" in vars(cls):
+    for cls in mro[mro.index(below) + 1 if below is not None else 0:]:
+        if name in vars(cls):
             return cls is Trainer
     return False

@@ -19,7 +19,11 @@ from ..model.injector import get_injector, require_bank
 from ..model.quantization import drop_nominal_gguf_quantizer
 from .callback import SoftPromptCallback, put_first
 from .checkpoints import get_num_items_in_batch, last_complete_checkpoint, load_best_model, load_from_checkpoint
-from .labelled_tail import compute_loss_over_labelled_tail, computes_model_loss
+from .labelled_tail import (
+    compute_loss_over_labelled_tail,
+    prediction_step_over_labelled_tail,
+    runs_trainer_method,
+)
 from .reference import defer_online_reference, with_base_model_reference
 from .setup import PromptConfigs, trainable_counts
 
@@ -118,9 +122,16 @@ class SoftPromptMixin(_TrainerBase):
         injector = None if self.model is None else get_injector(self.model)
         if injector is not None:
             injector.ensure_outermost()
-        if computes_model_loss(self, SoftPromptMixin):  # the LM head over the labelled positions only
+        if runs_trainer_method(self, "compute_loss", below=SoftPromptMixin):  # the LM head over the labelled tail
             return compute_loss_over_labelled_tail(super().compute_loss, self, model, inputs, *args, **kwargs)
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool, *args: Any,
+                        **kwargs: Any) -> Any:
+        if all(runs_trainer_method(self, name, below=SoftPromptMixin) for name in ("compute_loss", "prediction_step")):
+            return prediction_step_over_labelled_tail(super().prediction_step, self, model, inputs,
+                                                      prediction_loss_only, *args, **kwargs)
+        return super().prediction_step(model, inputs, prediction_loss_only, *args, **kwargs)
 
     # The Trainer methods soft prompts change, shared with the callback's stock Trainer (checkpoints.py).
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:

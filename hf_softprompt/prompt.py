@@ -3,6 +3,9 @@ reparameterize it (P-tuning's MLP and LSTM, residual prompt tuning's bottleneck 
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from typing import Any
 
 import torch
@@ -145,13 +148,42 @@ def initial_prompt(config: SoftPromptConfig, word_embeddings: nn.Module | None) 
     return weight.detach()[token_ids.to(weight.device)].float().cpu().clone()
 
 
-def text_init_token_ids(config: SoftPromptConfig) -> torch.Tensor:
-    """Token ids of `config.init_text`, truncated to P or repeated to fill it (PEFT semantics)."""
+def _files_stamp(path: str) -> tuple[tuple[str, int, int], ...]:
+    """The names, sizes and modification times of a local tokenizer folder's (or file's) files: a
+    tokenizer saved again over the same path is loaded again."""
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return ((path, stat.st_size, stat.st_mtime_ns),)
+    if not os.path.isdir(path):
+        return ()  # a Hub id: cached by name
+    return tuple((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                 for entry in sorted(os.scandir(path), key=lambda e: e.name) if entry.is_file())
+
+
+def _load_tokenizer(path: str, kwargs: dict[str, Any]) -> Any:
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(path: str, kwargs_json: str, stamp: tuple) -> Any:
+    """The tokenizer of a text init, loaded once per (path, kwargs, files): several prompts initialised
+    from one tokenizer (one per task) load it once; a GGUF tokenizer takes seconds to build."""
+    return _load_tokenizer(path, json.loads(kwargs_json))
+
+
+def text_init_token_ids(config: SoftPromptConfig) -> torch.Tensor:
+    """Token ids of `config.init_text`, truncated to P or repeated to fill it (PEFT semantics)."""
     kwargs = dict(config.tokenizer_kwargs or {})
     kwargs.pop("trust_remote_code", None)  # never run Hub code to build a prompt
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+    path = str(config.tokenizer_name_or_path)
+    try:
+        key = json.dumps(kwargs, sort_keys=True)
+    except TypeError:  # kwargs JSON cannot hold: load it uncached
+        tokenizer = _load_tokenizer(path, kwargs)
+    else:
+        tokenizer = _cached_tokenizer(path, key, _files_stamp(path))
     ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(

@@ -48,6 +48,34 @@ def test_text_init_truncates_or_repeats(tokenizer_dir, num_virtual, expected_wor
     torch.testing.assert_close(model.soft_prompts["default"].embedding.weight.detach(), vocab[expected_ids])
 
 
+def test_text_inits_load_their_tokenizer_once_and_again_when_it_is_saved_anew(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    def save_tokenizer(words: list[str]) -> None:
+        tok = Tokenizer(models.WordLevel({"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path)
+
+    loads = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+    model = make_model("gpt2", "causal_lm")
+    vocab = model.get_input_embeddings().weight.detach().clone()
+
+    def text_prompt(name: str, text: str) -> torch.Tensor:
+        config = SoftPromptConfig(num_virtual_tokens=2, init="text", init_text=text, tokenizer_name_or_path=str(tmp_path))
+        return add_soft_prompt(model, config, name=name).soft_prompts[name].embedding.weight.detach()
+
+    save_tokenizer(["alpha", "beta", "gamma"])
+    torch.testing.assert_close(text_prompt("a", "alpha beta"), vocab[[1, 2]])
+    torch.testing.assert_close(text_prompt("b", "gamma alpha"), vocab[[3, 1]])
+    assert len(loads) == 1  # one tokenizer for both prompts
+    save_tokenizer(["gamma", "beta", "alpha"])  # the same path, other ids: read again, not the stale one
+    torch.testing.assert_close(text_prompt("c", "alpha beta"), vocab[[3, 2]])
+    assert len(loads) == 2
+
+
 def test_text_init_empty_text_error(tokenizer_dir):
     with pytest.raises(ValueError, match="tokenizes to no tokens"):
         add_soft_prompt(make_model("gpt2", "causal_lm"),

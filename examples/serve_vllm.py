@@ -35,24 +35,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from run_multitask import TASKS, MultiTaskArguments, exact_match_by_task, held_out_rows, load_task_splits  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from utils import generate_answers, smollm2_gguf  # noqa: E402
+from utils import generate_answers, save_dequantized, smollm2_gguf  # noqa: E402
 
 from hf_softprompt import load_soft_prompt  # noqa: E402
 from hf_softprompt.files.prompt_set import saved_prompt_names  # noqa: E402
-from hf_softprompt.model.quantization import drop_nominal_gguf_quantizer  # noqa: E402
 from hf_softprompt.serving import PromptEmbedder  # noqa: E402
 
 
 def dequantized_smollm2(directory: str) -> str:
     """SmolLM2-135M-Instruct as float32 safetensors in `directory` (converted from the GGUF once)."""
-    if os.path.isfile(os.path.join(directory, "model.safetensors")):
-        return directory
-    gguf_dir, gguf_file = smollm2_gguf()
-    print(f"Dequantizing {gguf_file} into {directory} (once) ...")
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    drop_nominal_gguf_quantizer(model)  # saved as the plain float model it is
-    model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file).save_pretrained(directory)
+    if not os.path.isfile(os.path.join(directory, "model.safetensors")):
+        save_dequantized(*smollm2_gguf(), directory)
     return directory
 
 

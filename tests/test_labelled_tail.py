@@ -80,16 +80,24 @@ class LogitsReadingTrainer(Trainer):
 
 
 class PromptedLogitsReadingTrainer(SoftPromptMixin, LogitsReadingTrainer):
-    pass
+    """The logits-reading loss below SoftPromptMixin."""
 
 
-@pytest.mark.parametrize("trainer_class", [LogitsReadingTrainer, PromptedLogitsReadingTrainer])
+class LogitsReadingSoftPromptTrainer(SoftPromptTrainer):
+    """The logits-reading loss above SoftPromptMixin (as distill.py's trainer has it)."""
+
+    seen: list[int]
+    compute_loss = LogitsReadingTrainer.compute_loss
+
+
+@pytest.mark.parametrize("trainer_class", [LogitsReadingTrainer, PromptedLogitsReadingTrainer,
+                                           LogitsReadingSoftPromptTrainer])
 def test_a_trainer_that_reads_the_logits_gets_them_all(tmp_path, trainer_class):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, learning_rate=0.01,
                              report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no")
     config = SoftPromptConfig(num_virtual_tokens=3)
-    kwargs = ({"soft_prompt_config": config} if trainer_class is PromptedLogitsReadingTrainer
-              else {"callbacks": [SoftPromptCallback(config)]})
+    kwargs = ({"callbacks": [SoftPromptCallback(config)]} if trainer_class is LogitsReadingTrainer
+              else {"soft_prompt_config": config})
     trainer = trainer_class(model=make_model("llama", "causal_lm"), args=args, train_dataset=left_padded_rows(),
                             **kwargs)
     trainer.seen = []

@@ -69,11 +69,11 @@ def prediction_step_over_labelled_tail(stock: Callable, trainer: Trainer, model:
     return stock(model, inputs, prediction_loss_only, *args, **kwargs)
 
 
-def runs_trainer_method(trainer: Trainer, name: str, below: type | None = None) -> bool:
-    """Whether `trainer`'s method `name` is `Trainer`'s own, or with `below` (a class in its MRO)
-    whether the `name` that `below`'s `super()` call reaches is: nothing between overrides it."""
-    mro = type(trainer).__mro__
-    for cls in mro[mro.index(below) + 1 if below is not None else 0:]:
-        if name in vars(cls):
-            return cls is Trainer
-    return False
+def runs_trainer_method(trainer: Trainer, name: str, through: type | None = None) -> bool:
+    """Whether a call of `trainer`'s method `name` runs `Trainer`'s own: the first class of its MRO
+    that defines `name` is `Trainer`, or `through` (a class whose `name` calls `super()`) and then
+    `Trainer`. Any other override, above `through` or below it, may read what `Trainer`'s returns."""
+    owners = [cls for cls in type(trainer).__mro__ if name in vars(cls)]
+    if through is not None and owners[:1] == [through]:
+        owners = owners[1:]
+    return owners[:1] == [Trainer]

@@ -122,13 +122,15 @@ class SoftPromptMixin(_TrainerBase):
         injector = None if self.model is None else get_injector(self.model)
         if injector is not None:
             injector.ensure_outermost()
-        if runs_trainer_method(self, "compute_loss", below=SoftPromptMixin):  # the LM head over the labelled tail
+        if runs_trainer_method(self, "compute_loss", through=SoftPromptMixin):  # the LM head over the labelled tail
             return compute_loss_over_labelled_tail(super().compute_loss, self, model, inputs, *args, **kwargs)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool, *args: Any,
                         **kwargs: Any) -> Any:
-        if all(runs_trainer_method(self, name, below=SoftPromptMixin) for name in ("compute_loss", "prediction_step")):
+        # Trainer.prediction_step calls self.compute_loss: only where that is the model's own loss.
+        if all(runs_trainer_method(self, method, through=SoftPromptMixin)
+               for method in ("compute_loss", "prediction_step")):
             return prediction_step_over_labelled_tail(super().prediction_step, self, model, inputs,
                                                       prediction_loss_only, *args, **kwargs)
         return super().prediction_step(model, inputs, prediction_loss_only, *args, **kwargs)

@@ -207,7 +207,7 @@ def task_prompt_configs(base: SoftPromptConfig, tasks: Sequence[Task], model_pat
     """One prompt per task, each initialised from its task's instruction when `init=text`."""
     is_text = str(getattr(base.init, "value", base.init)).lower() == "text"
     return {task.name: dataclasses.replace(
-        base, init_text=task.instruction if is_text else base.init_text,
+        base, init_text=task.instruction if is_text else None,  # not the placeholder of DEFAULTS
         tokenizer_name_or_path=base.tokenizer_name_or_path or (model_path if is_text else None),
         tokenizer_kwargs=base.tokenizer_kwargs or (tokenizer_kwargs if is_text else None),
     ) for task in tasks}

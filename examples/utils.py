@@ -211,7 +211,9 @@ def bf16_where_native() -> dict[str, bool]:
     bf16 is slower). On a CPU, `TrainingArguments` takes `bf16` only with `use_cpu=True`."""
     if torch.cuda.is_available():
         return {"bf16": True} if torch.cuda.is_bf16_supported() else {}
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    # torch's own CPU feature checks (private: a torch without them counts as no native bf16).
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    native = any(check() for check in checks if check is not None)
     return {"bf16": True, "use_cpu": True} if native else {}
 
 

@@ -64,7 +64,8 @@ def test_text_inits_load_their_tokenizer_once_and_again_when_it_is_saved_anew(tm
     vocab = model.get_input_embeddings().weight.detach().clone()
 
     def text_prompt(name: str, text: str) -> torch.Tensor:
-        config = SoftPromptConfig(num_virtual_tokens=2, init="text", init_text=text, tokenizer_name_or_path=str(tmp_path))
+        config = SoftPromptConfig(num_virtual_tokens=2, init="text", init_text=text,
+                                  tokenizer_name_or_path=str(tmp_path))
         return add_soft_prompt(model, config, name=name).soft_prompts[name].embedding.weight.detach()
 
     save_tokenizer(["alpha", "beta", "gamma"])
